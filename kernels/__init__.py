@@ -1,0 +1,1 @@
+"""Pallas kernels of streamlearn, installed as `streamlearn.kernels`."""
