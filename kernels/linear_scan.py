@@ -1,22 +1,24 @@
-"""Pallas kernel for the gated diagonal recurrence h_t = a_t * h_{t-1} + b_t.
+"""Pallas kernels for the gated diagonal recurrence h_t = a_t * h_{t-1} + b_t.
 
-Dimension letters: B = batch rows, T = time steps, D = width (channels).
+Dimension letters: B = batch rows, T = time steps, D = width (channels),
+S = a vmapped (swarm) axis, N = S * B.
 
-The kernel is written for the GPU (Triton lowering): the grid blocks over batch
-and width, and each program walks the whole time axis with its carry held in
+The kernels are written for the GPU (Triton lowering): the grid blocks over
+batch and width, and each program walks the whole time axis with its carry in
 registers. Time is walked in tiles of `block_t` steps whose loads are issued
 together, so a program keeps many independent loads in flight while the
 dependent multiply-add chain runs; the carry crosses tile boundaries in the
-loop state. Where there is no GPU the same kernel runs under Pallas'
+loop state. Where there is no GPU the same kernels run under Pallas'
 interpreter, with one block covering the whole array (the interpreter pays per
 program and per step, not per lane).
 
-The backward pass is the same kernel run in the opposite time direction in its
-"transposed" form (y_t = x_t + c; c = a_t * y_t), which is exactly the adjoint
-of the forward recurrence; see `_scan_bwd`.
+The backward pass walks the same recurrence the other way: with
+lam_t = dL/dh_t, lam_t = g_t + a_{t+1} lam_{t+1}, and then db_t = lam_t,
+da_t = lam_t * h_{t-1}, dh0 = a_0 lam_0. One adjoint kernel produces lam and da
+in a single pass over (a, g, h).
 
 The plain `lax.scan` specification lives in `streamlearn.scan.lax_linear_scan`;
-tests hold this kernel to it.
+tests hold these kernels to it.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Lanes per GPU program. 64 f32 lanes with one warp is two elements per thread:
-# 256-byte coalesced rows, and enough programs to fill the SMs at D >= 512.
+# Lanes per GPU program. 64 f32 lanes on one warp is two elements per thread:
+# 256-byte coalesced rows, and enough programs to fill the SMs at B*D >= 16K.
 _GPU_BLOCK_D = 64
-# Time steps whose loads are issued together. 16 rows x 2 inputs x 256 B keeps
-# ~8 KiB in flight per warp, enough to cover DRAM latency at a few warps per SM.
+# Time steps whose loads are issued together. In-flight bytes over the whole
+# GPU are B * D * block_t * 8 (two f32 inputs), whatever block_d is; 16 steps
+# put ~2 MiB in flight at [16, T, 1024], about what covers DRAM latency.
 _GPU_BLOCK_T = 16
 # The interpreter runs one program over the whole array; a small unroll trims
 # its per-iteration loop overhead without bloating compile time.
@@ -43,7 +46,7 @@ _INTERPRET_BLOCK_T = 4
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Static tiling of the scan kernel (hashable: it is part of the jit key).
+  """Static tiling of the scan kernels (hashable: it is part of the jit key).
 
   Attributes:
     block_b: batch rows per program.
@@ -71,7 +74,7 @@ def default_config(batch: int, width: int, backend: str | None = None) -> Kernel
     block_d = min(_GPU_BLOCK_D, _next_pow2(width))
     return KernelConfig(block_b=1, block_d=block_d, block_t=_GPU_BLOCK_T,
                         num_warps=1, interpret=False)
-  # CPU (and TPU, whose memory model this kernel does not target): interpret
+  # CPU (and TPU, whose memory model these kernels do not target): interpret
   # with a single program covering the whole array, so nothing is padded.
   return KernelConfig(block_b=max(batch, 1), block_d=max(width, 1),
                       block_t=_INTERPRET_BLOCK_T, interpret=True)
@@ -82,45 +85,79 @@ def _acc_dtype(*dtypes) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-def _scan_kernel(a_ref, x_ref, c0_ref, y_ref, c_ref, *, reverse: bool,
-                 transpose: bool, block_t: int):
-  """One program: walk time over a [bb, T, bd] block, carry in registers.
+# --- kernel bodies ------------------------------------------------------------
 
-  Forward form:    c = a_t * c + x_t;  y_t = c
-  Transposed form: y_t = x_t + c;      c = a_t * y_t
+def _walk_time(num_t: int, block_t: int, reverse: bool, run_tile, carry):
+  """Calls run_tile(time_indices, carry) over all of [0, num_t), in order.
+
+  Full tiles run in a fori_loop with traced indices; the last num_t % block_t
+  steps run with static indices, so the time axis is never padded.
   """
-  num_t = a_ref.shape[1]
-  acc = c0_ref.dtype if jnp.issubdtype(c0_ref.dtype, jnp.float64) else jnp.float32
-
   def time_index(i):
     return num_t - 1 - i if reverse else i
 
-  def run_steps(ts, carry):
-    # Issue every load of the tile before the dependent chain starts.
-    a_rows = [a_ref[:, t, :].astype(acc) for t in ts]
-    x_rows = [x_ref[:, t, :].astype(acc) for t in ts]
-    for t, a_t, x_t in zip(ts, a_rows, x_rows):
-      if transpose:
-        y_t = x_t + carry
-        carry = a_t * y_t
-      else:
-        carry = a_t * carry + x_t
-        y_t = carry
-      y_ref[:, t, :] = y_t.astype(y_ref.dtype)
-    return carry
-
   def tile(k, carry):
     start = k * block_t
-    return run_steps([time_index(start + i) for i in range(block_t)], carry)
+    return run_tile([time_index(start + i) for i in range(block_t)], carry)
 
-  carry = c0_ref[...].astype(acc)
   num_tiles = num_t // block_t
   if num_tiles:
     carry = lax.fori_loop(0, num_tiles, tile, carry)
-  # The last T % block_t steps have static indices: no padding of the time axis.
-  carry = run_steps([time_index(i) for i in range(num_tiles * block_t, num_t)], carry)
-  c_ref[...] = carry.astype(c_ref.dtype)
+  return run_tile([time_index(i) for i in range(num_tiles * block_t, num_t)], carry)
 
+
+def _forward_kernel(a_ref, b_ref, h0_ref, h_ref, h_last_ref, *, reverse: bool,
+                    block_t: int, acc):
+  """h_t = a_t * h_{t-1} + b_t over one [bb, T, bd] block."""
+
+  def run_tile(ts, h):
+    # Issue every load of the tile before the dependent chain starts.
+    a_rows = [a_ref[:, t, :].astype(acc) for t in ts]
+    b_rows = [b_ref[:, t, :].astype(acc) for t in ts]
+    for t, a_t, b_t in zip(ts, a_rows, b_rows):
+      h = a_t * h + b_t
+      h_ref[:, t, :] = h.astype(h_ref.dtype)
+    return h
+
+  h = _walk_time(a_ref.shape[1], block_t, reverse, run_tile, h0_ref[...].astype(acc))
+  h_last_ref[...] = h.astype(h_last_ref.dtype)
+
+
+def _adjoint_kernel(a_ref, g_ref, h_ref, h0_ref, g_last_ref, db_ref, da_ref, dh0_ref, *,
+                    reverse: bool, block_t: int, acc):
+  """lam_t = g_t + a_{t+1} lam_{t+1}, walked against the forward direction.
+
+  `reverse` is the forward pass's direction. The carry c holds a_{t+1} lam_{t+1}
+  (starting at the cotangent of h_last); each step stores db_t = lam_t and
+  da_t = lam_t * h_prev_t, where h_prev_t is the state the forward step read.
+  """
+  num_t = a_ref.shape[1]
+  first = num_t - 1 if reverse else 0        # the step that read h0
+  step_back = 1 if reverse else -1           # h_prev_t = h[t + step_back]
+  h0 = h0_ref[...].astype(acc)
+
+  def h_prev_row(t):
+    if isinstance(t, int):  # static tail step
+      return h0 if t == first else h_ref[:, t + step_back, :].astype(acc)
+    clamped = jnp.clip(t + step_back, 0, num_t - 1)
+    return jnp.where(t == first, h0, h_ref[:, clamped, :].astype(acc))
+
+  def run_tile(ts, c):
+    a_rows = [a_ref[:, t, :].astype(acc) for t in ts]
+    g_rows = [g_ref[:, t, :].astype(acc) for t in ts]
+    h_prev_rows = [h_prev_row(t) for t in ts]
+    for t, a_t, g_t, h_prev in zip(ts, a_rows, g_rows, h_prev_rows):
+      lam = g_t + c
+      c = a_t * lam
+      db_ref[:, t, :] = lam.astype(db_ref.dtype)
+      da_ref[:, t, :] = (lam * h_prev).astype(da_ref.dtype)
+    return c
+
+  c = _walk_time(num_t, block_t, not reverse, run_tile, g_last_ref[...].astype(acc))
+  dh0_ref[...] = c.astype(dh0_ref.dtype)
+
+
+# --- launching ------------------------------------------------------------------
 
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
@@ -132,51 +169,105 @@ def _pad_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jnp.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)])
 
 
-def _scan_call(a_BxTxD, x_BxTxD, c0_BxD, *, reverse: bool, transpose: bool,
-               y_dtype, c_dtype, config: KernelConfig):
-  """Runs the kernel once; pads batch and width to the block grid and back."""
-  B, T, D = a_BxTxD.shape
+def _launch(kernel, inputs, out_dtypes, *, name: str, config: KernelConfig | None):
+  """Runs `kernel` over inputs of shape [B, T, D] or [B, D]; outputs likewise.
+
+  Pads batch and width to the block grid (padded lanes are all zeros, stay
+  finite, and are sliced away) and builds one BlockSpec per rank.
+  """
+  B, T, D = next(x.shape for x in inputs if x.ndim == 3)
+  config = config or default_config(B, D)
   bb, bd = config.block_b, config.block_d
   Bp, Dp = _round_up(B, bb), _round_up(D, bd)
-  # Padded lanes see a = x = c0 = 0, so they stay finite and are sliced away.
-  a_p = _pad_to(a_BxTxD, (Bp, T, Dp))
-  x_p = _pad_to(x_BxTxD, (Bp, T, Dp))
-  c0_p = _pad_to(c0_BxD, (Bp, Dp))
-
-  # Under the interpreter a narrow (bf16) output store defeats XLA:CPU's in-place
-  # update of the loop buffer (~300x slower, measured); store at accumulator
-  # width there and narrow once afterwards.
-  kernel_y_dtype = _acc_dtype(y_dtype) if config.interpret else y_dtype
-
   seq_spec = pl.BlockSpec((bb, T, bd), lambda i, j: (i, 0, j))
   state_spec = pl.BlockSpec((bb, bd), lambda i, j: (i, j))
+  spec = lambda ndim: seq_spec if ndim == 3 else state_spec
+  padded_shape = lambda ndim: (Bp, T, Dp) if ndim == 3 else (Bp, Dp)
+
+  # Under the interpreter a narrow (bf16) store defeats XLA:CPU's in-place
+  # update of the loop buffer (~300x slower, measured); store at accumulator
+  # width there and narrow once afterwards.
+  store_dtypes = [(_acc_dtype(dt) if config.interpret else dt, ndim)
+                  for dt, ndim in out_dtypes]
   compiler_params = None
   if not config.interpret:
     # Name the Triton backend explicitly: Pallas may otherwise pick Mosaic GPU,
-    # whose programming model (whole blocks staged in shared memory) this
-    # kernel does not follow.
+    # whose programming model (whole blocks staged in shared memory) these
+    # kernels do not follow.
     compiler_params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
-  kernel = functools.partial(_scan_kernel, reverse=reverse, transpose=transpose,
-                             block_t=min(config.block_t, T))
-  y_p, c_p = pl.pallas_call(
-      kernel,
-      out_shape=(jax.ShapeDtypeStruct((Bp, T, Dp), kernel_y_dtype),
-                 jax.ShapeDtypeStruct((Bp, Dp), c_dtype)),
+
+  outputs = pl.pallas_call(
+      functools.partial(kernel, block_t=min(config.block_t, T)),
+      out_shape=[jax.ShapeDtypeStruct(padded_shape(ndim), dt) for dt, ndim in store_dtypes],
       grid=(Bp // bb, Dp // bd),
-      in_specs=[seq_spec, seq_spec, state_spec],
-      out_specs=(seq_spec, state_spec),
+      in_specs=[spec(x.ndim) for x in inputs],
+      out_specs=[spec(ndim) for _, ndim in out_dtypes],
       interpret=config.interpret,
       compiler_params=compiler_params,
-      name="linear_scan_transposed" if transpose else "linear_scan",
-  )(a_p, x_p, c0_p)
-  return y_p[:B, :, :D].astype(y_dtype), c_p[:B, :D]
+      name=name,
+  )(*[_pad_to(x, padded_shape(x.ndim)) for x in inputs])
+  return [y[:B, :, :D].astype(dt) if ndim == 3 else y[:B, :D].astype(dt)
+          for y, (dt, ndim) in zip(outputs, out_dtypes)]
 
+
+def _fold_vmap_into_batch(fn):
+  """Wraps fn(*arrays with a leading batch axis) so vmap folds S into B.
+
+  Pallas' own batching rule would add a grid axis, which the interpreter walks
+  one member at a time (measured 2-3x slower than lax.scan for a swarm of 8 on
+  CPU); folding hands one launch S times the rows instead, on every backend.
+  """
+
+  @jax.custom_batching.custom_vmap
+  def folded(*args):
+    return fn(*args)
+
+  @folded.def_vmap
+  def folded_vmapped(axis_size, in_batched, *args):
+    args = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, batched in zip(args, in_batched)]
+    merged = [x.reshape(axis_size * x.shape[1], *x.shape[2:]) for x in args]
+    outs = folded(*merged)
+    outs = [y.reshape(axis_size, y.shape[0] // axis_size, *y.shape[1:]) for y in outs]
+    return outs, [True] * len(outs)
+
+  return folded
+
+
+@functools.cache
+def _forward_fn(reverse: bool, h_dtype, h_last_dtype, config: KernelConfig | None):
+  acc = _acc_dtype(h_dtype, h_last_dtype)
+
+  def forward(a_BxTxD, b_BxTxD, h0_BxD):
+    return _launch(
+        functools.partial(_forward_kernel, reverse=reverse, acc=acc),
+        [a_BxTxD, b_BxTxD, h0_BxD], [(h_dtype, 3), (h_last_dtype, 2)],
+        name="linear_scan", config=config)
+
+  return _fold_vmap_into_batch(forward)
+
+
+@functools.cache
+def _adjoint_fn(reverse: bool, da_dtype, db_dtype, dh0_dtype, config: KernelConfig | None):
+  acc = _acc_dtype(da_dtype, db_dtype, dh0_dtype)
+
+  def adjoint(a_BxTxD, g_BxTxD, h_BxTxD, h0_BxD, g_last_BxD):
+    return _launch(
+        functools.partial(_adjoint_kernel, reverse=reverse, acc=acc),
+        [a_BxTxD, g_BxTxD, h_BxTxD, h0_BxD, g_last_BxD],
+        [(db_dtype, 3), (da_dtype, 3), (dh0_dtype, 2)],
+        name="linear_scan_adjoint", config=config)
+
+  return _fold_vmap_into_batch(adjoint)
+
+
+# --- differentiable entry point -----------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _scan(a_BxTxD, b_BxTxD, h0_BxD, reverse: bool, config: KernelConfig):
-  h_BxTxD, h_last_BxD = _scan_call(
-      a_BxTxD, b_BxTxD, h0_BxD, reverse=reverse, transpose=False,
-      y_dtype=jnp.result_type(a_BxTxD, b_BxTxD), c_dtype=h0_BxD.dtype, config=config)
+def _scan(a_BxTxD, b_BxTxD, h0_BxD, reverse: bool, config: KernelConfig | None):
+  h_dtype = jnp.result_type(a_BxTxD, b_BxTxD)
+  forward = _forward_fn(reverse, h_dtype, h0_BxD.dtype, config)
+  h_BxTxD, h_last_BxD = forward(a_BxTxD, b_BxTxD, h0_BxD)
   return h_BxTxD, h_last_BxD
 
 
@@ -188,26 +279,11 @@ def _scan_fwd(a_BxTxD, b_BxTxD, h0_BxD, reverse, config):
 
 
 def _scan_bwd(reverse, config, residuals, cotangents):
-  """Adjoint: lam_t = g_t + a_{t+1} lam_{t+1} (forward direction), run reversed.
-
-  With lam_t = dL/dh_t: db_t = lam_t, da_t = lam_t * h_{t-1}, dh0 = a_0 lam_0
-  (indices mirrored when the forward pass ran in reverse).
-  """
   a_BxTxD, b_dtype_tag, h0_BxD, h_BxTxD = residuals
-  b_dtype = b_dtype_tag.dtype
   g_BxTxD, g_last_BxD = cotangents
-  acc = _acc_dtype(a_BxTxD.dtype, b_dtype, h0_BxD.dtype)
-  lam_BxTxD, dh0_BxD = _scan_call(
-      a_BxTxD, g_BxTxD, g_last_BxD.astype(acc), reverse=not reverse, transpose=True,
-      y_dtype=acc, c_dtype=acc, config=config)
-  h0_Bx1xD = h0_BxD.astype(h_BxTxD.dtype)[:, None, :]
-  if reverse:  # h_t = a_t * h_{t+1} + b_t, with h_T = h0
-    h_prev_BxTxD = jnp.concatenate([h_BxTxD[:, 1:], h0_Bx1xD], axis=1)
-  else:
-    h_prev_BxTxD = jnp.concatenate([h0_Bx1xD, h_BxTxD[:, :-1]], axis=1)
-  da_BxTxD = lam_BxTxD * h_prev_BxTxD.astype(acc)
-  return (da_BxTxD.astype(a_BxTxD.dtype), lam_BxTxD.astype(b_dtype),
-          dh0_BxD.astype(h0_BxD.dtype))
+  adjoint = _adjoint_fn(reverse, a_BxTxD.dtype, b_dtype_tag.dtype, h0_BxD.dtype, config)
+  db_BxTxD, da_BxTxD, dh0_BxD = adjoint(a_BxTxD, g_BxTxD, h_BxTxD, h0_BxD, g_last_BxD)
+  return da_BxTxD, db_BxTxD, dh0_BxD
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -216,20 +292,19 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 def pallas_linear_scan(a_BxTxD: jax.Array, b_BxTxD: jax.Array, h0_BxD: jax.Array, *,
                        reverse: bool = False,
                        config: KernelConfig | None = None) -> tuple[jax.Array, jax.Array]:
-  """Diagonal linear recurrence with the Pallas kernel, differentiable.
+  """Diagonal linear recurrence with the Pallas kernels, differentiable.
 
   Args:
     a_BxTxD: decay gates, [B, T, D].
     b_BxTxD: inputs, [B, T, D].
     h0_BxD: state before the first step (after the last one when `reverse`).
     reverse: run time backwards: h_t = a_t * h_{t+1} + b_t.
-    config: tiling; `default_config` for the current backend when None.
+    config: tiling; None picks `default_config` for the shapes a kernel
+      finally sees (under vmap, the mapped axis is folded into B first).
 
   Returns:
     (h_BxTxD in the promoted dtype of a and b, h_last_BxD in h0's dtype),
-    accumulated in at least float32.
+    accumulated in at least float32. Reverse-mode differentiable (custom VJP);
+    forward-mode (jvp) is not defined.
   """
-  if config is None:
-    B, _, D = a_BxTxD.shape
-    config = default_config(B, D)
   return _scan(a_BxTxD, b_BxTxD, h0_BxD, reverse, config)

@@ -44,8 +44,12 @@ class ScanImpl(enum.Enum):
 
 # Fastest measured implementation per backend; the numbers behind each entry
 # are in docs/benchmarks.md ("Scan core"). Change them together.
+# cpu: the interpreted kernel beat lax.scan forward and forward+backward at
+#      every benchmark size, and under vmap. gpu/tpu: not yet measured on a
+#      device; ASSOCIATIVE (log-depth, no custom lowering) until a compiled
+#      PALLAS run is benchmarked there.
 _AUTO_BY_BACKEND = {
-    "cpu": ScanImpl.LAX,
+    "cpu": ScanImpl.PALLAS,
     "gpu": ScanImpl.ASSOCIATIVE,
     "tpu": ScanImpl.ASSOCIATIVE,
 }
