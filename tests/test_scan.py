@@ -103,13 +103,13 @@ def test_nan_never_passes():
 
 
 def test_bf16_inputs_accumulate_in_f32_and_keep_an_f32_state(rng):
-  a, b, _ = random_inputs(rng, 2, 300, 64, "bfloat16")
+  a, b, _ = random_inputs(rng, 2, 100, 64, "bfloat16")
   h0 = jnp.asarray(rng.standard_normal((2, 64)), jnp.float32)
   _, ref_last = numpy_scan(a.astype(jnp.float32), b.astype(jnp.float32), h0)
   for impl in IMPLS:
     h_all, h_last = jitted_scan(impl, False)(a, b, h0)
     assert h_all.dtype == jnp.bfloat16 and h_last.dtype == jnp.float32
-    # A bf16 carry would drift by ~1e-2 over 300 steps; an f32 one stays ~1e-6.
+    # A bf16 carry is off by ~3e-3 after 100 steps (measured); an f32 one by ~1e-7.
     assert rel_err(h_last, ref_last) <= 1e-5, impl
 
 
