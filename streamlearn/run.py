@@ -1,44 +1,68 @@
-"""The main job: `python -m streamlearn.run --config configs/<name>.toml`.
+"""The main job: a µLM reads a stream and learns from it while it predicts.
 
-The streaming learner is not built yet (it lands with the learner issue); until
-then this command prints its usage and the installed version, and checks that
-the scan core runs on this machine's default JAX backend.
+    python -m streamlearn.run --config configs/default.toml [--data PATH|-]
+        [--max-bytes N] [--run-dir DIR] [--resume] [--set key=value ...]
+
+With no --data the stream is this interpreter's standard library (.py files):
+real text on every machine. The run directory (checkpoints/<name>/ unless
+--run-dir) gets TensorBoard events in tb/, rotating Orbax versions in
+versions/, the config and the frozen tokenizer. Ctrl-C (or SIGTERM) writes a
+final version and exits cleanly; --resume continues from the latest version at
+the exact stream position.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import streamlearn
+from streamlearn.config import ConfigError, load_config
+from streamlearn.sources import SourceError
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m streamlearn.run",
-      description="Tiny recurrent language models that learn while they predict on a stream.")
-  parser.add_argument("--config", metavar="FILE", help="run configuration (TOML)")
-  parser.add_argument("--version", action="version", version=f"streamlearn {streamlearn.__version__}")
+      description="A tiny recurrent language model that learns while it predicts on a stream.")
+  parser.add_argument("--config", metavar="FILE",
+                      help="run configuration (TOML); built-in defaults when omitted")
+  parser.add_argument("--data", metavar="PATH|-",
+                      help="a text file, a directory, or - for stdin (default: the Python stdlib)")
+  parser.add_argument("--max-bytes", type=int, metavar="N",
+                      help="stop after streaming N bytes in this invocation")
+  parser.add_argument("--run-dir", metavar="DIR", help="run directory (default checkpoints/<name>)")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue from the run directory's latest version")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set optim.learning_rate=1e-3")
+  parser.add_argument("--version", action="version",
+                      version=f"streamlearn {streamlearn.__version__}")
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  import jax
-  import jax.numpy as jnp
+  # Our own messages at INFO; libraries (Orbax, absl) only when something is wrong.
+  logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+  logging.getLogger("streamlearn").setLevel(logging.INFO)
+  if args.max_bytes is not None and args.max_bytes <= 0:
+    print("error: --max-bytes must be > 0", file=sys.stderr)
+    return 2
+  try:
+    config = load_config(args.config, args.set)
+  except ConfigError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  from streamlearn.session import RunError, Session  # JAX loads only once arguments are good
 
-  from streamlearn.scan import auto_impl, linear_scan
-
-  # One tiny scan proves the install works end to end on this backend.
-  h_all, _ = linear_scan(jnp.full((1, 4, 2), 0.5), jnp.ones((1, 4, 2)), jnp.zeros((1, 2)))
-  ok = bool(jnp.allclose(h_all[0, :, 0], jnp.array([1.0, 1.5, 1.75, 1.875])))
-  print(f"streamlearn {streamlearn.__version__} | jax {jax.__version__} on {jax.default_backend()} "
-        f"| scan core: {auto_impl().value} ({'ok' if ok else 'WRONG RESULT'})")
-  build_parser().print_usage()
-  if args.config:
-    print(f"{args.config}: the streaming learner is not built yet; nothing to run.",
-          file=sys.stderr)
-  return 0 if ok else 1
+  try:
+    session = Session.open(config, run_dir=args.run_dir, data=args.data, resume=args.resume)
+  except (SourceError, RunError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  return session.run(max_bytes=args.max_bytes)
 
 
 if __name__ == "__main__":

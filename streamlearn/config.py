@@ -1,0 +1,213 @@
+"""Typed run configuration: TOML files in configs/ -> frozen dataclasses.
+
+    config = load_config("configs/default.toml", overrides=["optim.learning_rate=1e-3"])
+
+Every field is declared once below with its type and a comment. Loading is
+strict: an unknown key, a wrong type or an out-of-range value stops with one
+line that names the key (`ConfigError`). `--set key=value` overrides use TOML
+syntax for the value (`3e-3`, `true`, `"text"`); a bare word that is not valid
+TOML is taken as a string, so `--set tokenizer.kind=bpe` needs no quotes.
+
+`[model] preset = "micro"` starts the model from a named size in
+`streamlearn.model.PRESETS`; keys given beside it override the preset's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """A bad config: the message is one line and names the offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  d_model: int = 128          # residual stream width
+  n_layers: int = 3           # each layer = recurrent block + MLP block
+  lru_width: int = 128        # width of the gated diagonal recurrence
+  mlp_mult: int = 3           # MLP hidden width = mlp_mult * d_model
+  conv_width: int = 4         # taps of the short causal depthwise conv
+  scan_impl: str = "auto"     # linear_scan implementation: auto | lax | associative | pallas
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  kind: str = "bytes"         # bytes (256 + specials, no training) | bpe
+  vocab_size: int = 1024      # bpe only: total vocabulary, specials included
+  warmup_bytes: int = 1_000_000  # bpe only: stream prefix the vocabulary is trained on
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  chunk_tokens: int = 256     # tokens per learner step (one tick of the stream)
+  max_file_bytes: int = 1_000_000  # directory sources skip larger files
+  block_bytes: int = 65_536   # how much a source reads at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 2e-3  # AdamW peak learning rate
+  warmup_steps: int = 50       # linear warm-up from 0, then constant: a stream has no end
+  b1: float = 0.9
+  b2: float = 0.99
+  eps: float = 1e-8
+  weight_decay: float = 0.0    # decoupled; applied to matrices only
+  grad_clip: float = 1.0       # global-norm clip
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_chunks: int = 1000    # save a version every this many chunks
+  max_to_keep: int = 3        # newest versions kept
+  keep_period: int = 10_000   # also keep every version whose step is a multiple of this (0: none)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  tensorboard_every: int = 1  # write per-chunk scalars every this many chunks
+  progress_seconds: float = 0.5  # how often the terminal progress line refreshes
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str = "default"       # run name: the run directory is checkpoints/<name>/
+  seed: int = 0               # parameter init and every random draw of the run
+  model: ModelConfig = ModelConfig()
+  tokenizer: TokenizerConfig = TokenizerConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  log: LogConfig = LogConfig()
+
+
+# Value checks beyond the type: key -> (predicate, what it must be).
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "model.d_model": _POSITIVE, "model.n_layers": _POSITIVE, "model.lru_width": _POSITIVE,
+    "model.mlp_mult": _POSITIVE, "model.conv_width": _POSITIVE,
+    "model.scan_impl": (lambda v: v in ("auto", "lax", "associative", "pallas"),
+                        "one of auto, lax, associative, pallas"),
+    "tokenizer.kind": (lambda v: v in ("bytes", "bpe"), "one of bytes, bpe"),
+    "tokenizer.vocab_size": (lambda v: v >= 259, ">= 259 (256 bytes + 3 specials)"),
+    "tokenizer.warmup_bytes": _POSITIVE,
+    "data.chunk_tokens": _POSITIVE, "data.max_file_bytes": _POSITIVE,
+    "data.block_bytes": _POSITIVE,
+    "optim.learning_rate": _POSITIVE, "optim.warmup_steps": _NON_NEGATIVE,
+    "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"), "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.eps": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE, "optim.grad_clip": _POSITIVE,
+    "checkpoint.every_chunks": _POSITIVE, "checkpoint.max_to_keep": _POSITIVE,
+    "checkpoint.keep_period": _NON_NEGATIVE,
+    "log.tensorboard_every": _POSITIVE, "log.progress_seconds": _POSITIVE,
+}
+
+
+def _type_name(tp) -> str:
+  return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+      tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+  """Checks value against a field type; ints are accepted where floats are expected."""
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} "
+                      f"({type(value).__name__})")
+  return value
+
+
+def _build(cls, table: Any, prefix: str):
+  """Builds dataclass `cls` from a TOML table, strictly."""
+  if not isinstance(table, dict):
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {table!r}")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  if cls is ModelConfig and "preset" in table:
+    table = _apply_preset(table, prefix)
+  values = {}
+  for key, value in table.items():
+    full = prefix + key
+    if key not in fields:
+      raise ConfigError(f"{full}: unknown key (known: {', '.join(fields)})")
+    tp = hints[key]
+    if dataclasses.is_dataclass(tp):
+      values[key] = _build(tp, value, full + ".")
+    else:
+      values[key] = _coerce(full, value, tp)
+      check = _CHECKS.get(full)
+      if check and not check[0](values[key]):
+        raise ConfigError(f"{full}: must be {check[1]}, got {value!r}")
+  return cls(**values)
+
+
+def _apply_preset(table: dict, prefix: str) -> dict:
+  from streamlearn.model import PRESETS  # the sizes live beside the model
+
+  table = dict(table)
+  name = table.pop("preset")
+  if name not in PRESETS:
+    raise ConfigError(f"{prefix}preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
+  return {**dataclasses.asdict(PRESETS[name]), **table}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+  """'a.b=value' -> (['a', 'b'], parsed value)."""
+  key, sep, raw = text.partition("=")
+  key = key.strip()
+  if not sep or not key:
+    raise ConfigError(f"--set {text!r}: expected key=value, e.g. optim.learning_rate=1e-3")
+  try:
+    value = tomllib.loads(f"v = {raw.strip()}")["v"]
+  except tomllib.TOMLDecodeError:
+    value = raw.strip()
+  return key.split("."), value
+
+
+def _set_nested(table: dict, path: list[str], value: Any, text: str) -> None:
+  for part in path[:-1]:
+    node = table.setdefault(part, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f"--set {text}: {part} is not a table")
+    table = node
+  table[path[-1]] = value
+
+
+def config_from_dict(table: dict, overrides: list[str] = ()) -> Config:
+  """A Config from an already-parsed TOML table plus `key=value` overrides."""
+  table = _deep_copy(table)
+  for text in overrides:
+    path, value = parse_override(text)
+    _set_nested(table, path, value, text)
+  return _build(Config, table, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+  """Reads a TOML config (defaults when path is None) and applies overrides."""
+  table: dict = {}
+  if path is not None:
+    try:
+      table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+      raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as err:
+      raise ConfigError(f"{path}: cannot read: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+      raise ConfigError(f"{path}: not valid TOML: {err}") from None
+  return config_from_dict(table, overrides)
+
+
+def config_to_dict(config: Config) -> dict:
+  """Plain nested dict (for saving beside checkpoints and for TensorBoard)."""
+  return dataclasses.asdict(config)
+
+
+def _deep_copy(table: Any) -> Any:
+  if isinstance(table, dict):
+    return {k: _deep_copy(v) for k, v in table.items()}
+  return table

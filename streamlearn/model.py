@@ -1,0 +1,217 @@
+"""The µLM: a Griffin-style recurrent language model whose state carries across chunks.
+
+Dimension letters: B = batch (streams), T = tokens in a chunk, D = d_model,
+W = lru_width, M = MLP hidden width, K = conv taps, V = vocabulary.
+
+Each layer is two residual blocks:
+  recurrent: RMSNorm -> [GeLU(Dense) gate] * [Dense -> causal depthwise conv ->
+             RG-LRU (input-dependent decay, via `linear_scan`)] -> Dense -> +
+  MLP:       RMSNorm -> GeGLU -> Dense -> +
+then a final RMSNorm and a head tied to the embedding.
+
+The state a stream carries from one chunk to the next is, per layer, the
+recurrence's h [B, W] (float32) and the conv's last K-1 inputs [B, K-1, W].
+Feeding a sequence in chunks with the carried state gives the same logits as
+one call over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from streamlearn.config import ModelConfig
+from streamlearn.scan import linear_scan
+
+# Sizes from ~0.1M to ~30M parameters (byte vocabulary), for `[model] preset`.
+PRESETS: dict[str, ModelConfig] = {
+    "nano": ModelConfig(d_model=64, n_layers=2, lru_width=64),        # ~0.13M
+    "micro": ModelConfig(d_model=128, n_layers=3, lru_width=128),     # ~0.72M
+    "small": ModelConfig(d_model=256, n_layers=4, lru_width=256),     # ~3.7M
+    "medium": ModelConfig(d_model=384, n_layers=6, lru_width=384),    # ~12M
+    "large": ModelConfig(d_model=512, n_layers=8, lru_width=512),     # ~29M
+}
+
+# RG-LRU: the decay is a^(c * r_t) with a learned a in (0, 1) and gate r_t;
+# c = 8 as in Griffin, so a^c at init spans a useful range of memory lengths.
+_LRU_C = 8.0
+
+
+class LayerState(NamedTuple):
+  h_BxW: jax.Array      # recurrence state, float32
+  conv_BxKm1xW: jax.Array  # last K-1 inputs of the causal conv
+
+
+class RMSNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
+    var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(var + 1e-6) * (1.0 + scale)[(None,) * (x.ndim - 1)]
+
+
+class CausalConv(nn.Module):
+  """Depthwise causal conv over time whose last K-1 inputs carry to the next chunk."""
+
+  taps: int
+
+  @nn.compact
+  def __call__(self, x_BxTxW, tail_BxKm1xW):
+    W = x_BxTxW.shape[-1]
+    kernel_KxW = self.param("kernel", nn.initializers.normal(1.0 / math.sqrt(self.taps)),
+                            (self.taps, W))
+    bias_W = self.param("bias", nn.initializers.zeros_init(), (W,))
+    T = x_BxTxW.shape[1]
+    ext_BxSxW = jnp.concatenate([tail_BxKm1xW.astype(x_BxTxW.dtype), x_BxTxW], axis=1)
+    # Tap k looks k steps back: y_t = sum_k w_k x_{t-k}.
+    y_BxTxW = sum(kernel_KxW[k][None, None] * ext_BxSxW[:, self.taps - 1 - k: self.taps - 1 - k + T]
+                  for k in range(self.taps))
+    return y_BxTxW + bias_W[None, None], ext_BxSxW[:, T:]
+
+
+@jax.custom_jvp
+def _sqrt_bounded_grad(x):
+  """sqrt whose derivative is capped: d/dx sqrt(x) is unbounded at 0.
+
+  sqrt(1 - a^2) meets x -> 0 whenever a gate drives the decay a to 1; an
+  uncapped derivative there turns one step's gradient into inf (seen as NaN
+  at learning rate 5e-3). Capped at 1000, as Griffin does.
+  """
+  return jnp.sqrt(x)
+
+
+@_sqrt_bounded_grad.defjvp
+def _sqrt_bounded_grad_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  y = jnp.sqrt(x)
+  return y, dx / jnp.maximum(2.0 * y, 1e-3)
+
+
+def _lru_a_init(key, shape, dtype=jnp.float32):
+  """Λ with a = sigmoid(Λ) such that a^c is uniform in [0.9, 0.999] (Griffin)."""
+  a_pow_c = jax.random.uniform(key, shape, dtype, 0.9, 0.999)
+  a = a_pow_c ** (1.0 / _LRU_C)
+  return jnp.log(a) - jnp.log1p(-a)
+
+
+class RGLRU(nn.Module):
+  """Real-gated linear recurrent unit: h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t)."""
+
+  width: int
+  scan_impl: str
+
+  @nn.compact
+  def __call__(self, x_BxTxW, h_BxW):
+    lam_W = self.param("a_logit", _lru_a_init, (self.width,))
+    r_BxTxW = nn.sigmoid(nn.Dense(self.width, name="recurrence_gate")(x_BxTxW))
+    i_BxTxW = nn.sigmoid(nn.Dense(self.width, name="input_gate")(x_BxTxW))
+    # log a_t = c r_t log sigmoid(Λ), computed without forming a small a first.
+    log_a_BxTxW = -_LRU_C * r_BxTxW * jax.nn.softplus(-lam_W)[None, None]
+    a_BxTxW = jnp.exp(log_a_BxTxW)
+    # sqrt(1 - a^2) keeps the state's scale steady whatever the decay.
+    mult_BxTxW = _sqrt_bounded_grad(-jnp.expm1(2.0 * log_a_BxTxW))
+    b_BxTxW = mult_BxTxW * i_BxTxW * x_BxTxW
+    h_all_BxTxW, h_last_BxW = linear_scan(a_BxTxW, b_BxTxW, h_BxW, impl=self.scan_impl)
+    return h_all_BxTxW, h_last_BxW
+
+
+class RecurrentBlock(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, state: LayerState):
+    cfg = self.cfg
+    y_BxTxD = RMSNorm(name="norm")(x_BxTxD)
+    gate_BxTxW = nn.gelu(nn.Dense(cfg.lru_width, name="gate")(y_BxTxD))
+    u_BxTxW = nn.Dense(cfg.lru_width, name="input")(y_BxTxD)
+    u_BxTxW, conv_tail = CausalConv(cfg.conv_width, name="conv")(u_BxTxW, state.conv_BxKm1xW)
+    u_BxTxW, h_BxW = RGLRU(cfg.lru_width, cfg.scan_impl, name="rg_lru")(u_BxTxW, state.h_BxW)
+    out_BxTxD = nn.Dense(cfg.d_model, name="output",
+                         kernel_init=_residual_init(cfg))(gate_BxTxW * u_BxTxW)
+    return x_BxTxD + out_BxTxD, LayerState(h_BxW, conv_tail)
+
+
+class MLPBlock(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    hidden = cfg.mlp_mult * cfg.d_model
+    y_BxTxD = RMSNorm(name="norm")(x_BxTxD)
+    gate_BxTxM, up_BxTxM = jnp.split(nn.Dense(2 * hidden, name="gate_up")(y_BxTxD), 2, axis=-1)
+    out_BxTxD = nn.Dense(cfg.d_model, name="down", kernel_init=_residual_init(cfg))(
+        nn.gelu(gate_BxTxM) * up_BxTxM)
+    return x_BxTxD + out_BxTxD
+
+
+def _residual_init(cfg: ModelConfig):
+  # Branches that write into the residual stream start small, so depth does
+  # not inflate the stream's scale at init.
+  return nn.initializers.variance_scaling(1.0 / (2 * cfg.n_layers), "fan_in", "normal")
+
+
+class MicroLM(nn.Module):
+  cfg: ModelConfig
+  vocab_size: int
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(self.vocab_size, cfg.d_model,
+                          embedding_init=nn.initializers.normal(1.0))
+    self.recurrent = [RecurrentBlock(cfg) for _ in range(cfg.n_layers)]
+    self.mlp = [MLPBlock(cfg) for _ in range(cfg.n_layers)]
+    self.final_norm = RMSNorm()
+
+  def __call__(self, tokens_BxT, state: tuple[LayerState, ...]):
+    return self.from_embeddings(self.embed(tokens_BxT), state)
+
+  def from_embeddings(self, x_BxTxD, state: tuple[LayerState, ...]):
+    """The model after the embedding lookup (tests differentiate through inputs here)."""
+    new_state = []
+    for recurrent, mlp, layer_state in zip(self.recurrent, self.mlp, state):
+      x_BxTxD, layer_state = recurrent(x_BxTxD, layer_state)
+      x_BxTxD = mlp(x_BxTxD)
+      new_state.append(layer_state)
+    x_BxTxD = self.final_norm(x_BxTxD)
+    # Tied head; 1/sqrt(D) keeps initial logits O(1) with unit-variance embeddings.
+    logits_BxTxV = self.embed.attend(x_BxTxD) / math.sqrt(self.cfg.d_model)
+    return logits_BxTxV, tuple(new_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class LM:
+  """The µLM as pure functions: init(key), init_state(batch), apply(params, tokens, state)."""
+
+  cfg: ModelConfig
+  vocab_size: int
+
+  @property
+  def module(self) -> MicroLM:
+    return MicroLM(self.cfg, self.vocab_size)
+
+  def init_state(self, batch: int) -> tuple[LayerState, ...]:
+    """The state before any token: zeros."""
+    W, K = self.cfg.lru_width, self.cfg.conv_width
+    return tuple(LayerState(jnp.zeros((batch, W), jnp.float32),
+                            jnp.zeros((batch, K - 1, W), jnp.float32))
+                 for _ in range(self.cfg.n_layers))
+
+  def init(self, key: jax.Array) -> dict:
+    """Fresh parameters."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return self.module.init(key, tokens, self.init_state(1))["params"]
+
+  def apply(self, params, tokens_BxT, state) -> tuple[jax.Array, tuple[LayerState, ...]]:
+    """(logits [B, T, V] float32, the state after the last token)."""
+    return self.module.apply({"params": params}, tokens_BxT, state)
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

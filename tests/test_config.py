@@ -1,0 +1,70 @@
+"""Config loading: typed, strict, one-line errors that name the key."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from streamlearn.config import Config, ConfigError, load_config, parse_override
+from streamlearn.model import PRESETS
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "gpu"])
+def test_shipped_configs_load(name):
+  config = load_config(CONFIGS / f"{name}.toml")
+  assert config.name == name
+
+
+def test_builtin_defaults_are_configs_default_toml():
+  # `python -m streamlearn.run` with no --config runs exactly configs/default.toml.
+  assert load_config(CONFIGS / "default.toml") == Config()
+
+
+def test_overrides_parse_toml_values_and_bare_words():
+  config = load_config(CONFIGS / "tiny.toml", ["optim.learning_rate=1e-4", "tokenizer.kind=bpe",
+                                               "model.preset=micro", "data.chunk_tokens=32"])
+  assert config.optim.learning_rate == 1e-4
+  assert config.tokenizer.kind == "bpe"
+  assert config.model == dataclasses.replace(PRESETS["micro"])
+  assert config.data.chunk_tokens == 32
+  assert parse_override("a.b = true") == (["a", "b"], True)
+
+
+def test_preset_keys_can_be_overridden(tmp_path):
+  path = tmp_path / "c.toml"
+  path.write_text('[model]\npreset = "nano"\nn_layers = 5\n')
+  model = load_config(path).model
+  assert model.d_model == PRESETS["nano"].d_model and model.n_layers == 5
+
+
+def test_ints_are_accepted_for_floats():
+  assert load_config(None, ["optim.learning_rate=1"]).optim.learning_rate == 1.0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.d_modle=3"], r"^model\.d_modle: unknown key \(known: d_model, "),
+    (["nope=1"], r"^nope: unknown key"),
+    (["model.d_model=1.5"], r"^model\.d_model: expected an integer, got 1\.5 \(float\)$"),
+    (["model.d_model=true"], r"^model\.d_model: expected an integer"),
+    (["optim.learning_rate=fast"], r"^optim\.learning_rate: expected a number, got 'fast'"),
+    (["optim.learning_rate=-1"], r"^optim\.learning_rate: must be > 0"),
+    (["tokenizer.kind=words"], r"^tokenizer\.kind: must be one of bytes, bpe"),
+    (["model.preset=huge"], r"^model\.preset: unknown preset 'huge'"),
+    (["model=3"], r"^model: expected a table"),
+    (["learning_rate"], r"expected key=value"),
+])
+def test_bad_values_name_the_key(overrides, message):
+  with pytest.raises(ConfigError, match=message) as info:
+    load_config(None, overrides)
+  assert "\n" not in str(info.value)
+
+
+def test_bad_files_get_one_line(tmp_path):
+  with pytest.raises(ConfigError, match="no such config file"):
+    load_config(tmp_path / "missing.toml")
+  bad = tmp_path / "bad.toml"
+  bad.write_text("name = \n")
+  with pytest.raises(ConfigError, match="not valid TOML"):
+    load_config(bad)

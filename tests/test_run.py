@@ -1,0 +1,113 @@
+"""The main command end to end: python -m streamlearn.run on configs/tiny.toml."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from streamlearn.checkpoint import Checkpointer, abstract_like
+from streamlearn.config import load_config
+from streamlearn.learner import build, init_learner
+from streamlearn.run import main
+
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+  # Real text from this machine's stdlib, never from a benchmark corpus.
+  import json as json_module
+  path = tmp_path_factory.mktemp("data") / "text.txt"
+  path.write_bytes(Path(json_module.__file__).read_bytes()[:6000])
+  return path
+
+
+def final_state(run_dir):
+  config = load_config(TINY)
+  lm, optimizer, _ = build(config, 259)
+  fresh = init_learner(lm, optimizer, seed=config.seed, bos_id=256)
+  checkpointer = Checkpointer(Path(run_dir), config.checkpoint)
+  state, stream, _ = checkpointer.restore(None, abstract_like(fresh))
+  checkpointer.close()
+  return state, stream
+
+
+@pytest.fixture(autouse=True)
+def info_logs(caplog):
+  caplog.set_level("INFO", logger="streamlearn")
+
+
+def test_smoke_writes_tensorboard_and_versions(tmp_path, text_file, caplog):
+  run_dir = tmp_path / "run"
+  assert main(["--config", TINY, "--data", str(text_file), "--max-bytes", "3000",
+               "--run-dir", str(run_dir)]) == 0
+  assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+  assert (run_dir / "config.json").exists() and (run_dir / "tokenizer.json").exists()
+  state, stream = final_state(run_dir)
+  assert stream["totals"]["bytes"] == 3000
+  assert int(state.step) == stream["totals"]["chunks"] == -(-3000 // 64)
+  assert "3,000 bytes" in caplog.text
+
+
+def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, text_file):
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  args = ["--config", TINY, "--data", str(text_file)]
+  assert main(args + ["--max-bytes", "2560", "--run-dir", str(straight)]) == 0
+  assert main(args + ["--max-bytes", "1280", "--run-dir", str(split)]) == 0
+  assert main(args + ["--max-bytes", "1280", "--run-dir", str(split), "--resume"]) == 0
+  (a, stream_a), (b, stream_b) = final_state(straight), final_state(split)
+  assert stream_a["totals"] == stream_b["totals"]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_bpe_run_trains_its_tokenizer_once_and_resumes_with_it(tmp_path, text_file):
+  run_dir = tmp_path / "bpe"
+  args = ["--config", TINY, "--data", str(text_file), "--run-dir", str(run_dir),
+          "--set", "tokenizer.kind=bpe", "--set", "tokenizer.vocab_size=300",
+          "--set", "tokenizer.warmup_bytes=2000"]
+  assert main(args + ["--max-bytes", "1000"]) == 0
+  saved = json.loads((run_dir / "tokenizer.json").read_text())
+  assert saved["kind"] == "bpe"
+  assert main(args + ["--max-bytes", "1000", "--resume"]) == 0
+  assert json.loads((run_dir / "tokenizer.json").read_text()) == saved
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data", "/no/such/file"], "/no/such/file: no such file or directory"),
+    (["--set", "model.d_modle=3"], "model.d_modle: unknown key"),
+    (["--resume"], "no run to resume"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
+  code = main(["--config", TINY, "--run-dir", str(tmp_path / "r")] + extra)
+  err = capsys.readouterr().err
+  assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, text_file, capsys):
+  run_dir = tmp_path / "run"
+  args = ["--config", TINY, "--data", str(text_file), "--run-dir", str(run_dir)]
+  assert main(args + ["--max-bytes", "100"]) == 0
+  assert main(args + ["--max-bytes", "100"]) == 2
+  assert "already holds a run" in capsys.readouterr().err
+
+
+def test_empty_stream_is_reported_not_a_crash(tmp_path, caplog):
+  empty = tmp_path / "empty.txt"
+  empty.write_bytes(b"")
+  assert main(["--config", TINY, "--data", str(empty), "--run-dir", str(tmp_path / "r")]) == 0
+  assert "stream was empty" in caplog.text
+
+
+def test_module_entry_point_runs_from_a_subprocess(tmp_path, text_file):
+  # The README's form of the command, as a user types it.
+  result = subprocess.run(
+      [sys.executable, "-m", "streamlearn.run", "--config", TINY, "--data", str(text_file),
+       "--max-bytes", "500", "--run-dir", str(tmp_path / "r")],
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "500 bytes" in result.stderr
