@@ -1,8 +1,10 @@
 """The main command end to end: python -m streamlearn.run on configs/tiny.toml."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -103,11 +105,30 @@ def test_empty_stream_is_reported_not_a_crash(tmp_path, caplog):
   assert "stream was empty" in caplog.text
 
 
-def test_module_entry_point_runs_from_a_subprocess(tmp_path, text_file):
-  # The README's form of the command, as a user types it.
+def test_module_entry_point_streams_stdin(tmp_path, text_file):
+  # The README's form of the command, as a user types it, fed through a pipe.
   result = subprocess.run(
-      [sys.executable, "-m", "streamlearn.run", "--config", TINY, "--data", str(text_file),
-       "--max-bytes", "500", "--run-dir", str(tmp_path / "r")],
-      capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr
-  assert "500 bytes" in result.stderr
+      [sys.executable, "-m", "streamlearn.run", "--config", TINY, "--data", "-",
+       "--run-dir", str(tmp_path / "r")],
+      input=text_file.read_bytes()[:500], capture_output=True, timeout=300)
+  assert result.returncode == 0, result.stderr.decode()
+  assert b"500 bytes" in result.stderr
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
+  run_dir = tmp_path / "r"
+  # No --data: the embedded default (this interpreter's stdlib), far longer than the test.
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "streamlearn.run", "--config", TINY, "--run-dir", str(run_dir),
+       "--set", "checkpoint.every_chunks=100000"],
+      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+  deadline = time.monotonic() + 120
+  while not (run_dir / "tb").exists() and time.monotonic() < deadline:
+    time.sleep(0.2)
+  time.sleep(3.0)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err.decode()
+  assert b"interrupted" in err and b"Traceback" not in err
+  state, stream = final_state(run_dir)
+  assert int(state.step) == stream["totals"]["chunks"] > 0

@@ -1,0 +1,93 @@
+"""Prequential passes over a chunk stream, shared by the benchmark and evaluation scripts.
+
+`learn_through` is the learner as the CLI runs it (score first, then learn);
+`score_through` scores with frozen parameters (the recurrent state still
+carries). Both dispatch step k+1 before reading step k's metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+
+import jax
+
+from streamlearn.learner import LearnerState
+from streamlearn.stream import HostChunk
+
+
+@dataclasses.dataclass
+class PassResult:
+  bytes: int = 0
+  tokens: int = 0
+  bits: float = 0.0
+  chunks: int = 0
+  seconds: float = 0.0          # wall time of the whole pass, compilation included
+  steady_seconds: float = 0.0   # wall time after the first chunk (compiled)
+  steady_bytes: int = 0         # bytes after the first chunk
+
+  @property
+  def bits_per_byte(self) -> float:
+    return self.bits / self.bytes if self.bytes else float("nan")
+
+  @property
+  def bytes_per_s(self) -> float:
+    return self.steady_bytes / self.steady_seconds if self.steady_seconds else float("nan")
+
+
+def _drive(run_one, chunks: Iterable[HostChunk]) -> PassResult:
+  from streamlearn.session import device_chunk
+
+  result = PassResult()
+  start = time.perf_counter()
+  first_done = None
+  in_flight = None
+  for chunk in chunks:
+    metrics = run_one(device_chunk(chunk))
+    if in_flight is not None:
+      _add(result, *in_flight)
+    in_flight = (metrics, chunk)
+    if first_done is None:
+      jax.block_until_ready(metrics)
+      first_done = time.perf_counter()
+  if in_flight is not None:
+    _add(result, *in_flight)
+  end = time.perf_counter()
+  result.seconds = end - start
+  if first_done is not None:
+    result.steady_seconds = end - first_done
+  return result
+
+
+def _add(result: PassResult, metrics, chunk: HostChunk) -> None:
+  bits = float(jax.device_get(metrics["bits"]))
+  if result.chunks:  # the first chunk paid for compilation: keep it out of the rate
+    result.steady_bytes += chunk.n_bytes
+  result.bytes += chunk.n_bytes
+  result.tokens += chunk.n_tokens
+  result.bits += bits
+  result.chunks += 1
+
+
+def learn_through(step_fn, state: LearnerState, chunks: Iterable[HostChunk]):
+  """(final state, PassResult) of the score-first learner over the chunks."""
+  holder = [state]
+
+  def run_one(chunk):
+    holder[0], metrics = step_fn(holder[0], chunk)
+    return metrics
+
+  result = _drive(run_one, chunks)
+  return holder[0], result
+
+
+def score_through(score_fn, params, rec_state, last_token_B, chunks: Iterable[HostChunk]):
+  """PassResult of frozen scoring over the chunks (the recurrent state carries)."""
+  holder = [rec_state, last_token_B]
+
+  def run_one(chunk):
+    holder[0], holder[1], metrics = score_fn(params, holder[0], holder[1], chunk)
+    return metrics
+
+  return _drive(run_one, chunks)

@@ -1,0 +1,81 @@
+"""The Python API, scripts/evaluate.py and scripts/benchmark.py on tiny runs."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamlearn import Learner
+from streamlearn.run import main as run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.toml")
+
+
+def load_script(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+  import email
+  path = tmp_path_factory.mktemp("data") / "text.txt"
+  path.write_bytes(b"".join(p.read_bytes() for p in sorted(Path(email.__file__).parent.glob("*.py")))[:8000])
+  return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, text_file):
+  path = tmp_path_factory.mktemp("runs") / "tiny"
+  assert run_main(["--config", TINY, "--data", str(text_file), "--max-bytes", "2560",
+                   "--run-dir", str(path)]) == 0
+  return path
+
+
+def test_learner_feeds_reads_and_generates(text_file):
+  learner = Learner.from_config(TINY)
+  text = text_file.read_text()[:1000]
+  out = learner.feed(text)
+  assert out["chunks"] == 1000 // 64 and out["bytes"] == 64 * out["chunks"]
+  assert out["pending_tokens"] == 1000 % 64
+  probs = learner.next_token_probs()
+  assert probs.shape == (259,) and abs(probs.sum() - 1) < 1e-5 and np.all(probs >= 0)
+  # Pending (not yet learned) text still moves the prediction.
+  learner.feed("x")
+  assert not np.allclose(learner.next_token_probs(), probs)
+  sample = learner.generate("def ", max_tokens=20, seed=1)
+  assert isinstance(sample, str) and len(sample.encode("utf-8", "replace")) >= 1
+  assert learner.generate("def ", max_tokens=20, seed=1) == sample  # reads, never learns
+
+
+def test_learner_loads_a_cli_run(run_dir):
+  learner = Learner.load(run_dir)
+  assert int(learner.state.step) == 40
+  assert learner.next_token_probs().shape == (259,)
+
+
+def test_evaluate_scores_frozen_and_adaptive(run_dir, text_file, capsys):
+  evaluate = load_script("evaluate")
+  assert evaluate.main([str(run_dir), f"{run_dir}@20", "--data", str(text_file),
+                        "--max-bytes", "1280", "--prompt", "import ", "--samples", "1",
+                        "--sample-tokens", "10"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("| 1,280 |") == 2 and "sample 1" in out
+
+
+def test_benchmark_reports_the_schema(tmp_path, text_file, capsys):
+  benchmark = load_script("benchmark")
+  out_json = tmp_path / "b.json"
+  assert benchmark.main(["--data", str(text_file), "--bytes", "1500", "--config", TINY,
+                         "--json", str(out_json)]) == 0
+  report = json.loads(out_json.read_text())
+  assert report["bytes"] == 1500
+  assert "gzip" in report["classical"] and report["classical"]["gzip"] > 0
+  run = report["runs"][0]
+  assert run["config"] == "tiny" and run["bpb"] > 0 and run["bytes"] == 1500
+  assert "| streamlearn tiny |" in capsys.readouterr().out
