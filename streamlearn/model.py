@@ -109,8 +109,9 @@ class RGLRU(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxW, h_BxW):
     lam_W = self.param("a_logit", _lru_a_init, (self.width,))
-    r_BxTxW = nn.sigmoid(nn.Dense(self.width, name="recurrence_gate")(x_BxTxW))
-    i_BxTxW = nn.sigmoid(nn.Dense(self.width, name="input_gate")(x_BxTxW))
+    # Both gates from one matmul: same math as two Dense layers, half the ops.
+    gates_BxTx2W = nn.sigmoid(nn.Dense(2 * self.width, name="gates")(x_BxTxW))
+    r_BxTxW, i_BxTxW = jnp.split(gates_BxTx2W, 2, axis=-1)
     # log a_t = c r_t log sigmoid(Λ), computed without forming a small a first.
     log_a_BxTxW = -_LRU_C * r_BxTxW * jax.nn.softplus(-lam_W)[None, None]
     a_BxTxW = jnp.exp(log_a_BxTxW)
@@ -128,8 +129,9 @@ class RecurrentBlock(nn.Module):
   def __call__(self, x_BxTxD, state: LayerState):
     cfg = self.cfg
     y_BxTxD = RMSNorm(name="norm")(x_BxTxD)
-    gate_BxTxW = nn.gelu(nn.Dense(cfg.lru_width, name="gate")(y_BxTxD))
-    u_BxTxW = nn.Dense(cfg.lru_width, name="input")(y_BxTxD)
+    gate_BxTxW, u_BxTxW = jnp.split(nn.Dense(2 * cfg.lru_width, name="gate_input")(y_BxTxD),
+                                    2, axis=-1)
+    gate_BxTxW = nn.gelu(gate_BxTxW)
     u_BxTxW, conv_tail = CausalConv(cfg.conv_width, name="conv")(u_BxTxW, state.conv_BxKm1xW)
     u_BxTxW, h_BxW = RGLRU(cfg.lru_width, cfg.scan_impl, name="rg_lru")(u_BxTxW, state.h_BxW)
     out_BxTxD = nn.Dense(cfg.d_model, name="output",
