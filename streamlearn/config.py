@@ -51,7 +51,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  learning_rate: float = 3e-3  # AdamW peak learning rate
+  learning_rate: float = 2.5e-3  # AdamW peak learning rate
   warmup_steps: int = 50       # linear warm-up from 0, then constant: a stream has no end
   b1: float = 0.9
   b2: float = 0.99
