@@ -82,7 +82,7 @@ def run_config(config_path: str | None, overrides: list[str], spec: str | None, 
 
 
 def markdown(report: dict) -> str:
-  lines = [f"| stream | bytes | method | bits/byte | bytes/s |", "| --- | ---: | --- | ---: | ---: |"]
+  lines = ["| stream | bytes | method | bits/byte | bytes/s |", "| --- | ---: | --- | ---: | ---: |"]
   for run in report["runs"]:
     label = run["config"] + (f" ({' '.join(run['overrides'])})" if run["overrides"] else "")
     lines.append(f"| {report['data']} | {report['bytes']:,} | streamlearn {label} | "

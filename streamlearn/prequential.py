@@ -12,24 +12,40 @@ import time
 from collections.abc import Iterable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from streamlearn.learner import LearnerState
+from streamlearn.learner import Chunk, LearnerState
 from streamlearn.stream import HostChunk
 
 
+def device_chunk(chunk: HostChunk) -> Chunk:
+  """A host chunk as the step's [1, T] device arrays."""
+  T = len(chunk.tokens_T)
+  mask = (np.arange(T) < chunk.n_tokens).astype(np.float32)
+  return Chunk(jnp.asarray(chunk.tokens_T[None]), jnp.asarray(mask[None]),
+               jnp.asarray([float(chunk.n_bytes)], jnp.float32))
+
+
 @dataclasses.dataclass
-class PassResult:
+class Totals:
+  """What a pass (or a whole run) has seen; a run saves it with every version."""
+
   bytes: int = 0
   tokens: int = 0
   bits: float = 0.0
   chunks: int = 0
-  seconds: float = 0.0          # wall time of the whole pass, compilation included
-  steady_seconds: float = 0.0   # wall time after the first chunk (compiled)
-  steady_bytes: int = 0         # bytes after the first chunk
 
   @property
   def bits_per_byte(self) -> float:
     return self.bits / self.bytes if self.bytes else float("nan")
+
+
+@dataclasses.dataclass
+class PassResult(Totals):
+  seconds: float = 0.0          # wall time of the whole pass, compilation included
+  steady_seconds: float = 0.0   # wall time after the first chunk (compiled)
+  steady_bytes: int = 0         # bytes after the first chunk
 
   @property
   def bytes_per_s(self) -> float:
@@ -37,8 +53,6 @@ class PassResult:
 
 
 def _drive(run_one, chunks: Iterable[HostChunk]) -> PassResult:
-  from streamlearn.session import device_chunk
-
   result = PassResult()
   start = time.perf_counter()
   first_done = None

@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from streamlearn.checkpoint import Checkpointer, abstract_like
 from streamlearn.config import Config, config_to_dict
-from streamlearn.learner import Chunk, LearnerState, build, init_learner
+from streamlearn.learner import LearnerState, build, init_learner
+from streamlearn.prequential import Totals, device_chunk
 from streamlearn.sources import Block, Source, SourceError, open_source
 from streamlearn.stream import HostChunk, TokenStream
 from streamlearn.tokenizer import Tokenizer, load_tokenizer, make_tokenizer
@@ -37,14 +36,6 @@ _FROZEN_ON_RESUME = ("model", "tokenizer", "data.chunk_tokens")
 
 class RunError(RuntimeError):
   """A run that cannot start or continue; the message is one line."""
-
-
-def device_chunk(chunk: HostChunk) -> Chunk:
-  """A host chunk as the step's [1, T] device arrays."""
-  T = len(chunk.tokens_T)
-  mask = (np.arange(T) < chunk.n_tokens).astype(np.float32)
-  return Chunk(jnp.asarray(chunk.tokens_T[None]), jnp.asarray(mask[None]),
-               jnp.asarray([float(chunk.n_bytes)], jnp.float32))
 
 
 class _ReplaySource(Source):
@@ -117,20 +108,6 @@ def _human_bytes(n: float) -> str:
       return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
     n /= 1000
   return f"{n:.1f} GB"
-
-
-@dataclasses.dataclass
-class Totals:
-  """What the run has seen so far; saved with every version."""
-
-  bytes: int = 0
-  tokens: int = 0
-  bits: float = 0.0
-  chunks: int = 0
-
-  @property
-  def bits_per_byte(self) -> float:
-    return self.bits / self.bytes if self.bytes else float("nan")
 
 
 class Session:
