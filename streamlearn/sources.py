@@ -55,6 +55,9 @@ DEFAULT_BLOCK_BYTES = 65536
 # Installed third-party packages live inside the stdlib directory on most
 # layouts; they are not the standard library and can be huge.
 _STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages")
+# Never the user's own text: version-control internals, caches, installed packages.
+TOOL_DIRS = (".git", ".hg", ".svn", "__pycache__", ".pytest_cache", ".mypy_cache",
+             ".venv", "node_modules")
 
 _log = logging.getLogger(__name__)
 
@@ -247,8 +250,9 @@ class DirectorySource(Source):
 
   def _skip(self, path: str, reason: str, detail: str = "") -> None:
     self.skipped[reason] += 1
-    # %r keeps a file name with odd characters on one log line.
-    _log.info("skipping %r: %s%s", path, reason, f" ({detail})" if detail else "")
+    # One line per file at DEBUG (a tree can hold thousands); the run reports
+    # the counts by reason. %r keeps an odd file name on one line.
+    _log.debug("skipping %r: %s%s", path, reason, f" ({detail})" if detail else "")
     return None
 
   def _unlistable(self, err: OSError) -> None:
@@ -314,6 +318,7 @@ def open_source(spec: str | None, *, max_file_bytes: int, block_bytes: int) -> S
   except OSError as err:
     raise SourceError(f"{spec}: {_why(err)}") from None
   if stat.S_ISDIR(st.st_mode):
-    return DirectorySource(spec, max_file_bytes=max_file_bytes, block_bytes=block_bytes)
+    return DirectorySource(spec, max_file_bytes=max_file_bytes, block_bytes=block_bytes,
+                           exclude_dirs=TOOL_DIRS)
   # Anything else that exists (a regular file, a FIFO, a device) streams as one file.
   return FileSource(spec, block_bytes=block_bytes)

@@ -147,7 +147,7 @@ def test_directory_skips_each_reason_and_logs_once(tmp_path, caplog):
   write(tmp_path / "latin1.txt", b"\xff\xfeabc")
   os.symlink(tmp_path / "nowhere", tmp_path / "dangling.txt")
   source = DirectorySource(tmp_path, max_file_bytes=MAX)
-  with caplog.at_level(logging.INFO, logger="streamlearn.sources"):
+  with caplog.at_level(logging.DEBUG, logger="streamlearn.sources"):
     blocks = list(source.blocks())
   assert {b.position["file"] for b in blocks} == {"a.txt", "a/z.txt", "b.txt", "c/d/e.py"}
   assert source.skipped == {"too_large": 1, "empty": 1, "binary": 1, "not_utf8": 1,
@@ -271,3 +271,13 @@ def test_stdlib_source_streams_python_text_without_site_packages():
   assert all(b.position["file"].endswith(".py") for b in first)
   text = data_of(first).decode("utf-8", errors="ignore")  # a block may end mid-character
   assert "import " in text or "def " in text
+
+
+def test_open_source_leaves_tool_directories_out(tmp_path):
+  (tmp_path / "notes.txt").write_bytes(b"mine\n")
+  for tool_dir in (".git/objects/ab", "__pycache__", "node_modules/x"):
+    (tmp_path / tool_dir).mkdir(parents=True)
+    (tmp_path / tool_dir / "f.txt").write_bytes(b"not mine\n")
+  source = open_source(str(tmp_path), max_file_bytes=1000, block_bytes=64)
+  assert [b.data for b in source.blocks()] == [b"mine\n"]
+  assert not source.skipped
