@@ -79,7 +79,8 @@ def init_learner(lm: LM, optimizer: optax.GradientTransformation, *, seed: int,
 def chunk_nll(lm: LM, params, rec_state, last_token_B, chunk: Chunk):
   """Summed next-token NLL (nats) of the chunk's real tokens, and the state after it."""
   inputs_BxT = jnp.concatenate([last_token_B[:, None], chunk.tokens_BxT[:, :-1]], axis=1)
-  logits_BxTxV, new_rec_state = lm.apply(params, inputs_BxT, rec_state)
+  n_real_B = jnp.sum(chunk.mask_BxT > 0, axis=1).astype(jnp.int32)
+  logits_BxTxV, new_rec_state = lm.apply(params, inputs_BxT, rec_state, n_real_B)
   nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
       logits_BxTxV.astype(jnp.float32), chunk.tokens_BxT)
   return jnp.sum(nll_BxT * chunk.mask_BxT), new_rec_state

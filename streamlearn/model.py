@@ -62,7 +62,7 @@ class CausalConv(nn.Module):
   taps: int
 
   @nn.compact
-  def __call__(self, x_BxTxW, tail_BxKm1xW):
+  def __call__(self, x_BxTxW, tail_BxKm1xW, n_real_B):
     W = x_BxTxW.shape[-1]
     kernel_KxW = self.param("kernel", nn.initializers.normal(1.0 / math.sqrt(self.taps)),
                             (self.taps, W))
@@ -72,7 +72,12 @@ class CausalConv(nn.Module):
     # Tap k looks k steps back: y_t = sum_k w_k x_{t-k}.
     y_BxTxW = sum(kernel_KxW[k][None, None] * ext_BxSxW[:, self.taps - 1 - k: self.taps - 1 - k + T]
                   for k in range(self.taps))
-    return y_BxTxW + bias_W[None, None], ext_BxSxW[:, T:]
+    # The carried tail is the last K-1 *real* inputs: padding after the end
+    # of a stream must not leak into the next chunk.
+    tail_BxKm1xW = jax.vmap(
+        lambda ext, n: jax.lax.dynamic_slice_in_dim(ext, n, self.taps - 1, axis=0))(
+            ext_BxSxW, n_real_B)
+    return y_BxTxW + bias_W[None, None], tail_BxKm1xW
 
 
 @jax.custom_jvp
@@ -107,7 +112,7 @@ class RGLRU(nn.Module):
   scan_impl: str
 
   @nn.compact
-  def __call__(self, x_BxTxW, h_BxW):
+  def __call__(self, x_BxTxW, h_BxW, real_BxT):
     lam_W = self.param("a_logit", _lru_a_init, (self.width,))
     # Both gates from one matmul: same math as two Dense layers, half the ops.
     gates_BxTx2W = nn.sigmoid(nn.Dense(2 * self.width, name="gates")(x_BxTxW))
@@ -118,6 +123,11 @@ class RGLRU(nn.Module):
     # sqrt(1 - a^2) keeps the state's scale steady whatever the decay.
     mult_BxTxW = _sqrt_bounded_grad(-jnp.expm1(2.0 * log_a_BxTxW))
     b_BxTxW = mult_BxTxW * i_BxTxW * x_BxTxW
+    # Padded steps hold the state (a = 1, b = 0), so h_last is the state after
+    # the last real token.
+    real_BxTx1 = real_BxT[:, :, None]
+    a_BxTxW = jnp.where(real_BxTx1, a_BxTxW, 1.0)
+    b_BxTxW = jnp.where(real_BxTx1, b_BxTxW, 0.0)
     h_all_BxTxW, h_last_BxW = linear_scan(a_BxTxW, b_BxTxW, h_BxW, impl=self.scan_impl)
     return h_all_BxTxW, h_last_BxW
 
@@ -126,14 +136,17 @@ class RecurrentBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, state: LayerState):
+  def __call__(self, x_BxTxD, state: LayerState, n_real_B):
     cfg = self.cfg
     y_BxTxD = RMSNorm(name="norm")(x_BxTxD)
     gate_BxTxW, u_BxTxW = jnp.split(nn.Dense(2 * cfg.lru_width, name="gate_input")(y_BxTxD),
                                     2, axis=-1)
     gate_BxTxW = nn.gelu(gate_BxTxW)
-    u_BxTxW, conv_tail = CausalConv(cfg.conv_width, name="conv")(u_BxTxW, state.conv_BxKm1xW)
-    u_BxTxW, h_BxW = RGLRU(cfg.lru_width, cfg.scan_impl, name="rg_lru")(u_BxTxW, state.h_BxW)
+    u_BxTxW, conv_tail = CausalConv(cfg.conv_width, name="conv")(
+        u_BxTxW, state.conv_BxKm1xW, n_real_B)
+    real_BxT = jnp.arange(x_BxTxD.shape[1])[None, :] < n_real_B[:, None]
+    u_BxTxW, h_BxW = RGLRU(cfg.lru_width, cfg.scan_impl, name="rg_lru")(
+        u_BxTxW, state.h_BxW, real_BxT)
     out_BxTxD = nn.Dense(cfg.d_model, name="output",
                          kernel_init=_residual_init(cfg))(gate_BxTxW * u_BxTxW)
     return x_BxTxD + out_BxTxD, LayerState(h_BxW, conv_tail)
@@ -171,14 +184,21 @@ class MicroLM(nn.Module):
     self.mlp = [MLPBlock(cfg) for _ in range(cfg.n_layers)]
     self.final_norm = RMSNorm()
 
-  def __call__(self, tokens_BxT, state: tuple[LayerState, ...]):
-    return self.from_embeddings(self.embed(tokens_BxT), state)
+  def __call__(self, tokens_BxT, state: tuple[LayerState, ...], n_real_B=None):
+    return self.from_embeddings(self.embed(tokens_BxT), state, n_real_B)
 
-  def from_embeddings(self, x_BxTxD, state: tuple[LayerState, ...]):
-    """The model after the embedding lookup (tests differentiate through inputs here)."""
+  def from_embeddings(self, x_BxTxD, state: tuple[LayerState, ...], n_real_B=None):
+    """The model after the embedding lookup (tests differentiate through inputs here).
+
+    n_real_B: real tokens per row (the rest is end-of-stream padding, which
+    leaves the carried state untouched); None means all T are real.
+    """
+    B, T = x_BxTxD.shape[:2]
+    if n_real_B is None:
+      n_real_B = jnp.full((B,), T, jnp.int32)
     new_state = []
     for recurrent, mlp, layer_state in zip(self.recurrent, self.mlp, state):
-      x_BxTxD, layer_state = recurrent(x_BxTxD, layer_state)
+      x_BxTxD, layer_state = recurrent(x_BxTxD, layer_state, n_real_B)
       x_BxTxD = mlp(x_BxTxD)
       new_state.append(layer_state)
     x_BxTxD = self.final_norm(x_BxTxD)
@@ -210,9 +230,10 @@ class LM:
     tokens = jnp.zeros((1, 1), jnp.int32)
     return self.module.init(key, tokens, self.init_state(1))["params"]
 
-  def apply(self, params, tokens_BxT, state) -> tuple[jax.Array, tuple[LayerState, ...]]:
-    """(logits [B, T, V] float32, the state after the last token)."""
-    return self.module.apply({"params": params}, tokens_BxT, state)
+  def apply(self, params, tokens_BxT, state,
+            n_real_B=None) -> tuple[jax.Array, tuple[LayerState, ...]]:
+    """(logits [B, T, V] float32, the state after the last real token)."""
+    return self.module.apply({"params": params}, tokens_BxT, state, n_real_B)
 
 
 def count_params(params) -> int:

@@ -64,3 +64,18 @@ def test_causality_by_gradient(nano, rng):
   for t in range(T):
     assert np.all(jac_TxTxD[t, t + 1:] == 0.0), f"logits at {t} depend on later inputs"
     assert np.any(jac_TxTxD[t, t] != 0.0)
+
+
+def test_padding_after_the_end_leaves_the_state_alone(nano, rng):
+  lm, params = nano
+  tokens = jnp.asarray(rng.integers(0, 256, (2, 16)), jnp.int32)
+  n_real = jnp.asarray([5, 16], jnp.int32)
+  apply = jax.jit(lm.apply)
+  logits, state = apply(params, tokens, lm.init_state(2), n_real)
+  _, short_state = apply(params, tokens[:1, :5], lm.init_state(1))
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(short_state)):
+    np.testing.assert_allclose(got[:1], want, rtol=1e-6, atol=1e-6)
+  full_logits, full_state = apply(params, tokens, lm.init_state(2))
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(full_state)):
+    np.testing.assert_allclose(got[1:], want[1:], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(logits[0, :5], full_logits[0, :5], rtol=1e-5, atol=1e-5)
