@@ -31,7 +31,7 @@ log = logging.getLogger("streamlearn.run")
 
 CONFIG_FILE = "config.json"
 # Sections that fix the shapes of the state: a resumed run must keep them.
-_FROZEN_ON_RESUME = ("model", "tokenizer", "data.chunk_tokens")
+_FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens")
 
 
 class RunError(RuntimeError):
@@ -118,7 +118,7 @@ class Session:
     self.config, self.run_dir, self.source = config, run_dir, source
     self.tokenizer, self.state, self.stream_start, self.totals = (
         tokenizer, state, stream_start, totals)
-    self.lm, self.optimizer, self.step_fn = build(config, tokenizer.vocab_size)
+    self.predictor, self.optimizer, self.step_fn = build(config, tokenizer.vocab_size)
     self.checkpointer = Checkpointer(run_dir, config.checkpoint)
 
   # --- opening ------------------------------------------------------------------------------
@@ -146,8 +146,8 @@ class Session:
                                warmup=warmup)
     tokenizer.save(run_dir_path)
     config_path.write_text(json.dumps(config_to_dict(config), indent=2))
-    lm, optimizer, _ = build(config, tokenizer.vocab_size)
-    state = init_learner(lm, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+    predictor, optimizer, _ = build(config, tokenizer.vocab_size)
+    state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
     return cls(config, run_dir_path, source, tokenizer, state, None, Totals())
 
   @classmethod
@@ -159,8 +159,8 @@ class Session:
     for key in _FROZEN_ON_RESUME:
       _check_same(saved, config_to_dict(config), key)
     tokenizer = load_tokenizer(run_dir)
-    lm, optimizer, _ = build(config, tokenizer.vocab_size)
-    fresh = init_learner(lm, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+    predictor, optimizer, _ = build(config, tokenizer.vocab_size)
+    fresh = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
     checkpointer = Checkpointer(run_dir, config.checkpoint)
     if checkpointer.latest_step() is None:
       raise RunError(f"{run_dir}: no complete checkpoint to resume from")
