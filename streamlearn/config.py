@@ -38,7 +38,7 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class MatchConfig:
   enabled: bool = True        # the match model's prediction enters the logits (streamlearn/match.py)
-  orders: tuple[int, ...] = (4, 8, 16, 32)  # context lengths hashed; each brings a candidate
+  orders: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 11, 16, 23, 32)  # contexts hashed: one candidate each
   max_len: int = 32           # longest match verified; the trust in a match is learned per length
   history_log2: int = 20      # tokens of stream history kept: 2^20
   table_log2: int = 18        # slots of each context's hash table: 2^18
