@@ -40,6 +40,7 @@ class LearnerState:
   last_token_B: jax.Array  # int32: the token before the next chunk
   step: jax.Array          # int32: chunks learned from so far
   rng: jax.Array           # uint32[2]: the run's key; each step folds in `step`
+  lr_scale: jax.Array      # float32: multiplies every update; rollbacks lower it (safety.py)
 
 
 class Chunk(NamedTuple):
@@ -73,7 +74,7 @@ def init_learner(lm: LM, optimizer: optax.GradientTransformation, *, seed: int,
   return LearnerState(
       params=params, opt_state=jax.jit(optimizer.init)(params), rec_state=lm.init_state(batch),
       last_token_B=jnp.full((batch,), bos_id, jnp.int32), step=jnp.zeros((), jnp.int32),
-      rng=key)
+      rng=key, lr_scale=jnp.ones((), jnp.float32))
 
 
 def chunk_nll(lm: LM, params, rec_state, last_token_B, chunk: Chunk):
@@ -101,6 +102,18 @@ def score_metrics(nll_sum, chunk: Chunk) -> dict[str, jax.Array]:
               bits_per_byte=bits / jnp.maximum(n_bytes, 1.0))
 
 
+def _skip_if_non_finite(old: LearnerState, new: LearnerState, loss, grad_norm):
+  """The safety net's guard: a NaN/Inf loss or gradient leaves the whole state as it was.
+
+  Returns (state, 1.0 if skipped else 0.0). The chunk is then as if never
+  seen (recurrent state and last token included), so nothing non-finite can
+  reach the parameters, the optimizer or the carried state.
+  """
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return state, 1.0 - ok.astype(jnp.float32)
+
+
 def make_step(lm: LM, optimizer: optax.GradientTransformation, optim_cfg: OptimConfig):
   """The jitted step(state, chunk) -> (state, metrics); `state` is donated.
 
@@ -118,15 +131,19 @@ def make_step(lm: LM, optimizer: optax.GradientTransformation, optim_cfg: OptimC
     # before this chunk; the update that follows is the first to see it.
     (_, (nll_sum, new_rec)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    # An array in the state, not a constant: lowering it never recompiles the step.
+    updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
     params = optax.apply_updates(state.params, updates)
     metrics = score_metrics(nll_sum, chunk)
     metrics.update(grad_norm=optax.tree.norm(grads),
-                   learning_rate=learning_rate(optim_cfg, state.step))
+                   learning_rate=learning_rate(optim_cfg, state.step) * state.lr_scale)
     new_state = state.replace(
         params=params, opt_state=opt_state,
         rec_state=jax.lax.stop_gradient(new_rec),
         last_token_B=_last_real_token(chunk, state.last_token_B),
         step=state.step + 1)
+    new_state, metrics["skipped"] = _skip_if_non_finite(state, new_state, nll_sum,
+                                                        metrics["grad_norm"])
     return new_state, metrics
 
   return jax.jit(step, donate_argnums=0)

@@ -53,6 +53,11 @@ class TokenStream:
     # Whether a document has begun: the doc separator goes *between* documents.
     self._started = bool(start.get("started", False))
 
+  @property
+  def start_position(self) -> dict:
+    """Where this stream starts: the position of a version saved before its first chunk."""
+    return self._position(self._source_start, self._skip, self._pending)
+
   def _position(self, source_position, skip: int, pending: np.ndarray) -> dict:
     return {"source": source_position, "skip": skip, "pending": _encode_pending(pending),
             "started": self._started}
