@@ -20,6 +20,7 @@ the `keep_best` best by score, and version 0 — the original base — always.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -212,6 +213,35 @@ def move_aside(run_dir: Path, steps: list[int], why: str) -> Path | None:
   for step in sorted(steps, reverse=True):
     os.replace(run_dir / VERSIONS_DIR / str(step), aside / str(step))
   return aside
+
+
+class RunLock:
+  """One writer per run directory: the run, or a restore; never both at once.
+
+  An advisory lock on <run_dir>/.lock that the OS drops when its holder exits,
+  so a run killed with SIGKILL never leaves a stale lock behind.
+  """
+
+  def __init__(self, run_dir: Path):
+    if not Path(run_dir).is_dir():
+      raise VersionError(f"{run_dir}: no such run directory")
+    self.path = Path(run_dir) / ".lock"
+    self._file = open(self.path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "another process"
+      self._file.close()
+      raise VersionError(f"{run_dir} is in use by {holder}; stop it first") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"pid {os.getpid()}")
+    self._file.flush()
+
+  def release(self) -> None:
+    if not self._file.closed:
+      self._file.close()
 
 
 def abstract_like(state: Any) -> Any:

@@ -19,7 +19,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from streamlearn.checkpoint import Checkpointer, VersionError, abstract_like, move_aside
+from streamlearn.checkpoint import (Checkpointer, RunLock, VersionError, abstract_like,
+                                    move_aside)
 from streamlearn.config import Config, config_to_dict
 from streamlearn.console import Interrupts, Progress, human_bytes
 from streamlearn.learner import LearnerState, build, init_learner
@@ -86,11 +87,12 @@ class Session:
 
   def __init__(self, config: Config, run_dir: Path, source: Source, tokenizer: Tokenizer,
                state: LearnerState, stream_start: dict | None, totals: Totals,
-               record: dict | None = None, parent: int | None = None):
+               lock: RunLock, record: dict | None = None, parent: int | None = None):
     self.config, self.run_dir, self.source = config, run_dir, source
     self.tokenizer, self.state, self.stream_start, self.totals = (
         tokenizer, state, stream_start, totals)
     self.lm, self.optimizer, self.step_fn = build(config, tokenizer.vocab_size)
+    self.lock = lock
     self.checkpointer = Checkpointer(run_dir, config.checkpoint, writable=True)
     # The safety net's host side, carried in every version's record (see safety.py).
     record = record or {}
@@ -111,12 +113,23 @@ class Session:
     source = open_source(data, max_file_bytes=config.data.max_file_bytes,
                          block_bytes=config.data.block_bytes)
     config_path = run_dir_path / CONFIG_FILE
-    if resume:
-      return cls._resume(config, run_dir_path, source)
-    if config_path.exists() or (run_dir_path / "versions").exists():
+    if resume and not config_path.exists():
+      raise RunError(f"{run_dir_path}: no run to resume (no {CONFIG_FILE})")
+    if not resume and (config_path.exists() or (run_dir_path / "versions").exists()):
       raise RunError(f"{run_dir_path} already holds a run; add --resume to continue it, "
                      f"or pick another --run-dir / --set name=...")
     run_dir_path.mkdir(parents=True, exist_ok=True)
+    lock = _lock(run_dir_path)
+    try:
+      if resume:
+        return cls._resume(config, run_dir_path, source, lock)
+      return cls._fresh(config, run_dir_path, source, lock)
+    except BaseException:
+      lock.release()
+      raise
+
+  @classmethod
+  def _fresh(cls, config: Config, run_dir: Path, source: Source, lock: RunLock) -> "Session":
     if config.tokenizer.kind == "bpe":
       warmup, source = _read_prefix(source, config.tokenizer.warmup_bytes)
       log.info(f"training a {config.tokenizer.vocab_size}-token BPE on the first "
@@ -125,24 +138,21 @@ class Session:
       warmup = b""
     tokenizer = make_tokenizer(config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
                                warmup=warmup)
-    tokenizer.save(run_dir_path)
+    tokenizer.save(run_dir)
     # Written last, and whole (renamed into place): its presence means a run to resume.
-    _write_atomic(config_path, json.dumps(config_to_dict(config), indent=2))
-    return cls._from_base(config, run_dir_path, source, tokenizer)
+    _write_atomic(run_dir / CONFIG_FILE, json.dumps(config_to_dict(config), indent=2))
+    return cls._from_base(config, run_dir, source, tokenizer, lock)
 
   @classmethod
-  def _from_base(cls, config: Config, run_dir: Path, source: Source,
-                 tokenizer: Tokenizer) -> "Session":
+  def _from_base(cls, config: Config, run_dir: Path, source: Source, tokenizer: Tokenizer,
+                 lock: RunLock) -> "Session":
     lm, optimizer, _ = build(config, tokenizer.vocab_size)
     state = init_learner(lm, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
-    return cls(config, run_dir, source, tokenizer, state, None, Totals())
+    return cls(config, run_dir, source, tokenizer, state, None, Totals(), lock)
 
   @classmethod
-  def _resume(cls, config: Config, run_dir: Path, source: Source) -> "Session":
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.exists():
-      raise RunError(f"{run_dir}: no run to resume (no {CONFIG_FILE})")
-    saved = json.loads(config_path.read_text())
+  def _resume(cls, config: Config, run_dir: Path, source: Source, lock: RunLock) -> "Session":
+    saved = json.loads((run_dir / CONFIG_FILE).read_text())
     for key in _FROZEN_ON_RESUME:
       _check_same(saved, config_to_dict(config), key)
     checkpointer = Checkpointer(run_dir, config.checkpoint, writable=True)
@@ -151,7 +161,7 @@ class Session:
     if not steps:  # killed before the base was on disk: the base is made again, identically
       checkpointer.close()
       log.warning(f"warning: {run_dir} has no complete version yet; starting from the base")
-      return cls._from_base(config, run_dir, source, tokenizer)
+      return cls._from_base(config, run_dir, source, tokenizer, lock)
     lm, optimizer, _ = build(config, tokenizer.vocab_size)
     fresh = init_learner(lm, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
     try:
@@ -168,7 +178,7 @@ class Session:
     totals = Totals(**got.record["totals"])
     log.info(f"resuming {run_dir} at chunk {totals.chunks:,} ({totals.bytes:,} bytes seen)")
     return cls(config, run_dir, source, tokenizer, got.state, got.record["position"], totals,
-               got.record, parent=got.step)
+               lock, got.record, parent=got.step)
 
   # --- the loop -------------------------------------------------------------------------
 
@@ -259,6 +269,7 @@ class Session:
       self.checkpointer.close()
       self._register()
       self._writer.close()
+      self.lock.release()
       progress.update(self._progress_text(clock), force=True)
       progress.close()
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.source.skipped.items()))
@@ -359,6 +370,13 @@ class Session:
     saved = f"version {self.last_saved}" if self.last_saved is not None else "no version yet"
     return (f"{human_bytes(self.totals.bytes)} seen | {human_bytes(rate)}/s | "
             f"{self.totals.bits_per_byte:.3f} bits/byte | {saved}" + self._safety_text())
+
+
+def _lock(run_dir: Path) -> RunLock:
+  try:
+    return RunLock(run_dir)
+  except VersionError as err:
+    raise RunError(str(err)) from None
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import NamedTuple
 
 from streamlearn.checkpoint import Checkpointer, VersionError
 from streamlearn.config import Config, ConfigError, config_from_dict
+from streamlearn.console import log_to_stderr
 from streamlearn.registry import Registry
 from streamlearn.session import CONFIG_FILE
 
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--all", action="store_true",
                       help="also versions rotated away or moved aside")
   args = parser.parse_args(argv)
-  # force: absl, imported with orbax, has already put a handler on the root logger.
-  logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+  log_to_stderr()
   try:
     run = open_run(args.run_dir)
   except VersionError as err:
