@@ -47,8 +47,6 @@ def restore(run_dir: str, step: int, *, reset: bool) -> str:
     kind = "reset_to_base" if reset else "restore"
     run.registry.add_event({"kind": kind, "time": time.time(), "to": step, "aside": later,
                             "path": str(where) if where else None})
-    if reset:
-      run.registry.set_current_base(BASE_STEP)
     run.registry.write()
   finally:
     lock.release()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -187,6 +188,9 @@ class Checkpointer:
     expected = record.get("state_crc32")
     if expected is not None and state_crc32(state) != expected:
       raise VersionError(f"version {step} is corrupt (its state fails its CRC32)")
+    # Uncommitted, like a fresh state's arrays: a restored state then reuses the compiled
+    # step instead of compiling it again for arrays pinned to a device.
+    state = jax.tree.map(jnp.asarray, jax.device_get(state))
     return Restored(step, state, record, dict(restored["tokenizer"]), [])
 
   def wait(self) -> None:

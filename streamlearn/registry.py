@@ -6,11 +6,13 @@
                    lr_scale, status, path}],
      "events": [{kind, time, ...}]}
 
-A version's status: "kept" (in versions/), "rotated" (deleted by the keep
-policy), "aside" (moved to aside/ by a restore or as unreadable; `path` says
-where; a step number may recur in a later line after a restore, so the
-entries are a list). `current_base` is the version later learning is measured against (a
-KL-to-base, say): the original base unless a restore made another the base.
+A version's status: "kept" (in versions/; `rolled_back` when a rollback went
+back past it), "rotated" (deleted by the keep policy), or "aside" (moved to
+aside/ by a restore or as unreadable; `path` says where). A step number may
+recur in a later line after a restore, so the entries are a list.
+`current_base` is the version later learning is measured against (a
+KL-to-base, say): the original base, version 0, until something promotes
+another (nothing does yet).
 
 The checkpoints are the truth: every field of a version entry is also in the
 version's own record, so the registry is brought in line with versions/ each
@@ -91,6 +93,7 @@ class Registry:
       self.add_version(step, record)
       if rebuilt:  # each version's record carries every event before it
         self.data["events"] = _merge_events(self.data["events"], record.get("events", []))
+        self.mark_rolled_back(record.get("discarded", []))
 
   # --- updates -----------------------------------------------------------------------------
 
@@ -109,8 +112,11 @@ class Registry:
       if entry["step"] in steps:
         entry.update(status="aside", path=str(where / str(entry["step"])) if where else None)
 
-  def set_current_base(self, step: int) -> None:
-    self.data["current_base"] = step
+  def mark_rolled_back(self, steps: list[int]) -> None:
+    """Versions a rollback went back past: kept on disk, never again a rollback target or best."""
+    for entry in self.kept():
+      if entry["step"] in steps:
+        entry["rolled_back"] = True
 
   def write(self) -> None:
     """Atomically: a crash leaves either the old file or the new one."""
@@ -126,7 +132,7 @@ class Registry:
 
   def best_step(self) -> int | None:
     """The kept version with the lowest score (bits/byte), if any has one."""
-    scored = [e for e in self.kept() if _score(e) is not None]
+    scored = [e for e in self.kept() if _score(e) is not None and not e.get("rolled_back")]
     return min(scored, key=_score)["step"] if scored else None
 
 

@@ -351,6 +351,7 @@ class Session:
       position = got.record["position"]
     else:
       self.discarded.update(discarded)
+      self.registry.mark_rolled_back(discarded)
     self.registry.write()
     return position
 

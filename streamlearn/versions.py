@@ -69,6 +69,7 @@ def table(registry: Registry, *, everything: bool = False) -> list[str]:
     if e.get("status") == "kept":
       marks += ["base"] * (e["step"] == registry.data["original_base"])
       marks += ["latest"] * (e["step"] == latest) + ["best"] * (e["step"] == best)
+      marks += ["rolled back"] * bool(e.get("rolled_back"))
     else:
       marks.append(e.get("status", "?") + (f" ({e['path']})" if e.get("path") else ""))
     rows.append((str(e["step"]), _when(e.get("time")), _num(e.get("bytes"), ","),
