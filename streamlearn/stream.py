@@ -11,6 +11,7 @@ from it but not yet emitted.
 from __future__ import annotations
 
 import base64
+import itertools
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -91,8 +92,9 @@ class TokenStream:
     T = self.chunk_tokens
     token_bytes = self.tokenizer.token_bytes
     pending = self._pending
-    source_position, skip = self._source_start, self._skip
-    for tokens, source_position, skip in self._token_blocks():
+    # An empty block first: a resumed stream may hold more than a chunk already cut.
+    start = (np.zeros(0, np.int32), self._source_start, self._skip)
+    for tokens, source_position, skip in itertools.chain([start], self._token_blocks()):
       pending = np.concatenate([pending, tokens]) if len(pending) else tokens
       while len(pending) >= T:
         chunk, pending = pending[:T], pending[T:]
