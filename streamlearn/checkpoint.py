@@ -24,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -70,6 +71,28 @@ def _quiet(logger: str):
     yield
   finally:
     target.setLevel(level)
+
+
+def _silence_closed_loop_noise() -> None:
+  """Keeps a failed restore to the one line it deserves.
+
+  When one read of a version fails, Orbax closes its event loop while the
+  other reads are still in flight; each of them, finishing later, prints a
+  traceback ("Event loop is closed") through sys.unraisablehook. They add
+  nothing to the VersionError, so only those are dropped; anything else still
+  reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_streamlearn", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._streamlearn = True
+  sys.unraisablehook = hook
 
 
 def state_crc32(state: Any) -> int:
@@ -184,6 +207,7 @@ class Checkpointer:
           tokenizer=ocp.args.JsonRestore()))
       state, record = restored["state"], dict(restored["stream"])
     except Exception as err:  # orbax and tensorstore raise many kinds; all mean "unreadable"
+      _silence_closed_loop_noise()
       raise VersionError(f"version {step} is unreadable ({_first_line(err)})") from None
     expected = record.get("state_crc32")
     if expected is not None and state_crc32(state) != expected:

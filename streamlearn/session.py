@@ -255,7 +255,8 @@ class Session:
           in_flight, position = (metrics, chunk), chunk.position
           due = self.totals.chunks + 1 - (self.last_saved or 0) >= config.checkpoint.every_chunks
           if alarm is not None or due:
-            alarm = self._record(*in_flight, progress, clock) or alarm
+            last = self._record(*in_flight, progress, clock)
+            alarm = alarm or last
             in_flight = None
             position = self._rollback(alarm, position, token_stream) if alarm else position
             self.last_saved = self._save(position)
