@@ -108,8 +108,9 @@ class Registry:
     self.data["events"].append(event)
 
   def mark_aside(self, steps: list[int], where: Path | None) -> None:
-    for entry in self.kept():
-      if entry["step"] in steps:
+    # Also "rotated": a registry synced after the move no longer sees them in versions/.
+    for entry in self.data["versions"]:
+      if entry["step"] in steps and entry.get("status") in ("kept", "rotated"):
         entry.update(status="aside", path=str(where / str(entry["step"])) if where else None)
 
   def mark_rolled_back(self, steps: list[int]) -> None:

@@ -9,11 +9,17 @@ Two alarms, checked after every chunk:
 The score is any lower-is-better number per observation: a canary's bits/byte
 can feed a `SpikeDetector` of its own in place of the prequential one.
 
+A spike alarm is confirmed before anything is rolled back: the version to
+restore learns through the very chunks that raised the alarm (a copy, thrown
+away). If it pays as much on them — it would have crossed the same line — the
+data got harder, not the model worse (a new kind of file in the stream), and
+the watch starts over at the new level with nothing restored. Non-finite
+alarms need no confirmation.
+
 A rollback restores the newest version older than the update that preceded
 the first bad chunk (`Alarm.before`), so no update that may have caused the
-alarm survives. Afterwards the watch starts over (the median refills before
-the next spike check): a lasting change in the data then costs one rollback,
-not one per window.
+alarm survives. Afterwards too the watch starts over (the median refills
+before the next spike check).
 
 The guard's state is saved in every version, so a resumed run raises exactly
 the alarms an uninterrupted one would.
@@ -25,7 +31,10 @@ import dataclasses
 import statistics
 from typing import NamedTuple
 
+import numpy as np
+
 from streamlearn.config import SafetyConfig
+from streamlearn.stream import HostChunk, decode_tokens, encode_tokens
 
 
 class Alarm(NamedTuple):
@@ -33,6 +42,8 @@ class Alarm(NamedTuple):
   chunk: int         # the chunk (1-based count) whose metrics raised it
   before: int        # roll back to the newest version with step <= before
   detail: str        # one line for logs and the registry
+  line: float = float("inf")  # spike: the bits/byte a confirming version must stay under
+  window: tuple = ()  # spike: the chunks that raised it (HostChunks, oldest first)
 
 
 class SpikeDetector:
@@ -58,7 +69,8 @@ class Guard:
   """Watches the learner's per-chunk metrics and raises an `Alarm` when it must roll back."""
 
   cfg: SafetyConfig
-  recent: list = dataclasses.field(default_factory=list)  # [chunk, bits, bytes] of the last chunks
+  # [chunk, bits, bytes, tokens (encode_tokens), chunk length] of the last chunks
+  recent: list = dataclasses.field(default_factory=list)
   skips: list = dataclasses.field(default_factory=list)   # chunks skipped in a row, oldest first
   detector: SpikeDetector | None = None
 
@@ -68,11 +80,12 @@ class Guard:
 
   def score(self) -> float | None:
     """Prequential bits/byte over the last `signal_chunks` chunks (None before any)."""
-    n_bytes = sum(b for _, _, b in self.recent)
-    return sum(bits for _, bits, _ in self.recent) / n_bytes if n_bytes else None
+    n_bytes = sum(r[2] for r in self.recent)
+    return sum(r[1] for r in self.recent) / n_bytes if n_bytes else None
 
-  def observe(self, chunk: int, bits: float, n_bytes: int, skipped: bool) -> Alarm | None:
+  def observe(self, chunk: int, bits: float, host: HostChunk, skipped: bool) -> Alarm | None:
     """Takes one chunk's metrics (in stream order)."""
+    n_bytes = host.n_bytes
     if skipped:
       self.skips.append(chunk)
       if len(self.skips) >= self.cfg.max_skips:
@@ -83,7 +96,9 @@ class Guard:
     self.skips = []
     if n_bytes == 0:
       return None
-    self.recent = (self.recent + [[chunk, bits, n_bytes]])[-self.cfg.signal_chunks:]
+    tokens = encode_tokens(host.tokens_T[:host.n_tokens])
+    entry = [chunk, bits, n_bytes, tokens, len(host.tokens_T)]
+    self.recent = (self.recent + [entry])[-self.cfg.signal_chunks:]
     if len(self.recent) < self.cfg.signal_chunks:
       return None
     score = self.score()
@@ -92,10 +107,20 @@ class Guard:
       return None
     # The first chunk of the window that alone crosses the line marks the onset.
     line = median * (1.0 + self.cfg.spike_fraction)
-    onset = next((c for c, bits, b in self.recent if bits / b > line), self.recent[0][0])
+    onset = next((r[0] for r in self.recent if r[1] / r[2] > line), self.recent[0][0])
     return Alarm("spike", chunk, onset - 2,
                  f"bits/byte {score:.3f} over the last {len(self.recent)} chunks > median "
-                 f"{median:.3f} x {1 + self.cfg.spike_fraction:g}")
+                 f"{median:.3f} x {1 + self.cfg.spike_fraction:g}", line, self.window())
+
+  def window(self) -> tuple[HostChunk, ...]:
+    """The last chunks, as the stream gave them (for confirming a spike)."""
+    chunks = []
+    for _, _, n_bytes, tokens, length in self.recent:
+      real = decode_tokens(tokens)
+      padded = np.zeros(length, np.int32)  # only the real tokens count: the mask ignores the rest
+      padded[:len(real)] = real
+      chunks.append(HostChunk(padded, len(real), n_bytes, {}))
+    return tuple(chunks)
 
   def reset(self) -> None:
     """Starts the watch over (after a rollback)."""

@@ -24,7 +24,7 @@ from streamlearn.checkpoint import (Checkpointer, RunLock, VersionError, abstrac
 from streamlearn.config import Config, config_to_dict
 from streamlearn.console import Interrupts, Progress, human_bytes
 from streamlearn.learner import LearnerState, build, init_learner
-from streamlearn.prequential import Totals, device_chunk
+from streamlearn.prequential import Totals, device_chunk, learn_through
 from streamlearn.registry import Registry
 from streamlearn.safety import Alarm, Guard, lowered_lr_scale, rollback_candidates
 from streamlearn.sources import Block, Source, SourceError, open_source
@@ -87,7 +87,8 @@ class Session:
 
   def __init__(self, config: Config, run_dir: Path, source: Source, tokenizer: Tokenizer,
                state: LearnerState, stream_start: dict | None, totals: Totals,
-               lock: RunLock, record: dict | None = None, parent: int | None = None):
+               lock: RunLock, record: dict | None = None, parent: int | None = None,
+               set_aside: tuple[list[int], Path] | None = None):
     self.config, self.run_dir, self.source = config, run_dir, source
     self.tokenizer, self.state, self.stream_start, self.totals = (
         tokenizer, state, stream_start, totals)
@@ -101,6 +102,10 @@ class Session:
     self.discarded: set[int] = set(record.get("discarded", []))
     self.parent = parent
     self.registry = Registry.open(run_dir, self.checkpointer.all_steps(), self._read_record)
+    if set_aside is not None:  # unreadable versions the resume moved out of the way
+      self.registry.mark_aside(*set_aside)
+      self.registry.add_event({"kind": "set_aside_unreadable", "time": time.time(),
+                               "to": parent, "aside": set_aside[0], "path": str(set_aside[1])})
     self.registry.write()
     self._unregistered: tuple[int, dict] | None = None
 
@@ -170,15 +175,16 @@ class Session:
       raise RunError(str(err)) from None
     finally:
       checkpointer.close()
+    set_aside = None
     if got.unreadable:  # out of the way of the versions this run will write
       steps_aside = [s for s, _ in got.unreadable]
-      where = move_aside(run_dir, steps_aside, "unreadable")
+      set_aside = (steps_aside, move_aside(run_dir, steps_aside, "unreadable"))
       log.warning(f"warning: moved unreadable version(s) {', '.join(map(str, steps_aside))} "
-                  f"to {where}")
+                  f"to {set_aside[1]}")
     totals = Totals(**got.record["totals"])
     log.info(f"resuming {run_dir} at chunk {totals.chunks:,} ({totals.bytes:,} bytes seen)")
     return cls(config, run_dir, source, tokenizer, got.state, got.record["position"], totals,
-               lock, got.record, parent=got.step)
+               lock, got.record, parent=got.step, set_aside=set_aside)
 
   # --- the loop -------------------------------------------------------------------------
 
@@ -295,7 +301,7 @@ class Session:
     else:
       self.totals.bits += float(m["bits"])
     step = self.totals.chunks
-    alarm = self.guard.observe(step, float(m["bits"]), chunk.n_bytes, skipped)
+    alarm = self.guard.observe(step, float(m["bits"]), chunk, skipped)
     if step % self.config.log.tensorboard_every == 0:
       writer = self._writer
       rate = self._rate(clock)
@@ -318,6 +324,7 @@ class Session:
     """Restores the last good version, lowers the learning rate; returns the position to save at."""
     cfg = self.config.safety
     self.checkpointer.wait()
+    self._register()  # every complete version in the registry before any is marked
     steps = self.checkpointer.all_steps()
     candidates = rollback_candidates(steps, alarm.before, self.discarded)
     try:
@@ -325,6 +332,8 @@ class Session:
     except VersionError as err:  # not even the base restores: nothing safe to go on with
       log.error(f"error: rollback at chunk {alarm.chunk:,} ({alarm.detail}) impossible: {err}")
       self.failed = self.stopped = True
+      return position
+    if alarm.reason == "spike" and not self._confirmed(alarm, got.step, got.state):
       return position
     lr_scale = lowered_lr_scale(float(self.state.lr_scale), cfg)
     discarded = [s for s in steps if s > got.step]
@@ -355,6 +364,23 @@ class Session:
       self.registry.mark_rolled_back(discarded)
     self.registry.write()
     return position
+
+  def _confirmed(self, alarm: Alarm, step: int, candidate) -> bool:
+    """Whether version `step` would have stayed under the line on the alarm's chunks."""
+    copy = jax.tree.map(jnp.copy, candidate)  # the step donates its input
+    _, result = learn_through(self.step_fn, copy, alarm.window)
+    if result.bits_per_byte <= alarm.line:
+      return True
+    event = {"kind": "spike_ignored", "time": time.time(), "detail": alarm.detail,
+             "chunk": alarm.chunk, "checked": step, "checked_bpb": result.bits_per_byte}
+    log.info(f"spike at chunk {alarm.chunk:,} ({alarm.detail}), but version {step} pays as "
+             f"much on those chunks ({result.bits_per_byte:.3f} bits/byte): the data changed, "
+             f"not the model; nothing rolled back")
+    self._writer.add_text("safety/events", json.dumps(event), alarm.chunk)
+    self.guard.reset()  # the new level is the norm now
+    self.registry.add_event(event)  # not in self.events: versions carry only rollbacks
+    self.registry.write()
+    return False
 
   def _safety_text(self) -> str:
     rollbacks = sum(e["kind"] == "rollback" for e in self.events)

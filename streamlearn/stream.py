@@ -28,11 +28,12 @@ class HostChunk(NamedTuple):
   position: dict         # the stream position right after this chunk
 
 
-def _encode_pending(tokens: np.ndarray) -> str:
+def encode_tokens(tokens: np.ndarray) -> str:
+  """Token ids as compact JSON-safe text (base64 of little-endian int32)."""
   return base64.b64encode(tokens.astype("<i4").tobytes()).decode("ascii")
 
 
-def _decode_pending(text: str) -> np.ndarray:
+def decode_tokens(text: str) -> np.ndarray:
   return np.frombuffer(base64.b64decode(text), "<i4").astype(np.int32)
 
 
@@ -50,7 +51,7 @@ class TokenStream:
     self._source_start = start.get("source")
     # Bytes of the block at _source_start already consumed (a max_bytes cut).
     self._skip = int(start.get("skip", 0))
-    self._pending = _decode_pending(start.get("pending", ""))
+    self._pending = decode_tokens(start.get("pending", ""))
     # Whether a document has begun: the doc separator goes *between* documents.
     self._started = bool(start.get("started", False))
 
@@ -60,7 +61,7 @@ class TokenStream:
     return self._position(self._source_start, self._skip, self._pending)
 
   def _position(self, source_position, skip: int, pending: np.ndarray) -> dict:
-    return {"source": source_position, "skip": skip, "pending": _encode_pending(pending),
+    return {"source": source_position, "skip": skip, "pending": encode_tokens(pending),
             "started": self._started}
 
   def _token_blocks(self) -> Iterator[tuple[np.ndarray, dict, int]]:

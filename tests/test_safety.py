@@ -81,17 +81,19 @@ def test_spike_detector_needs_a_full_window_and_flags_only_spikes():
 
 def test_guard_alarms_and_their_rollback_bound():
   cfg = SafetyConfig(max_skips=3, signal_chunks=2, median_chunks=3)
+  chunk = lambda c: HostChunk(np.full(64, c, np.int32), 64, 64, {})
   guard = Guard(cfg)
-  assert guard.observe(1, float("nan"), 64, True) is None
-  assert guard.observe(2, 100.0, 64, False) is None   # a good chunk breaks the run of skips
-  alarms = [guard.observe(c, float("nan"), 64, True) for c in (3, 4, 5)]
+  assert guard.observe(1, float("nan"), chunk(1), True) is None
+  assert guard.observe(2, 100.0, chunk(2), False) is None   # a good chunk breaks the run of skips
+  alarms = [guard.observe(c, float("nan"), chunk(c), True) for c in (3, 4, 5)]
   assert alarms[:2] == [None, None]
   assert alarms[2].reason == "non-finite" and alarms[2].before == 3 - 2
   guard = Guard(cfg)
   for c in range(1, 6):
-    assert guard.observe(c, 128.0, 64, False) is None   # 2 bits/byte, steady
-  alarm = guard.observe(6, 640.0, 64, False)            # 10 bits/byte: the window is (2+10)/2
-  assert alarm.reason == "spike" and alarm.before == 6 - 2
+    assert guard.observe(c, 128.0, chunk(c), False) is None   # 2 bits/byte, steady
+  alarm = guard.observe(6, 640.0, chunk(6), False)            # 10 bits/byte: the window's is 6
+  assert alarm.reason == "spike" and alarm.before == 6 - 2 and alarm.line == 3.0
+  assert [c.tokens_T[0] for c in alarm.window] == [5, 6]     # the chunks to confirm it on
   restored = Guard.from_json(cfg, json.loads(json.dumps(guard.to_json())))
   assert restored.to_json() == guard.to_json() and restored.score() == guard.score()
 
@@ -120,28 +122,79 @@ def test_nan_update_is_skipped_and_counted():
 
 # --- rollbacks in a run ----------------------------------------------------------------------
 
-def test_synthetic_spike_rolls_back_to_the_last_good_version(tmp_path):
-  # 140 chunks of text, then random bytes: the first random chunk (141) is the spike's onset,
-  # so the last good version is the newest one older than the update before it (<= 139): 130.
+def test_a_spike_from_harder_data_is_not_rolled_back(tmp_path):
+  # Text, then random bytes: the spike is the data's. The version a rollback would restore
+  # pays as much on those chunks, so nothing is rolled back and the learning rate stays.
   noise = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
-  data = tmp_path / "spike.txt"
+  data = tmp_path / "noise.txt"
   data.write_bytes(stdlib_text(140 * 64) + noise + stdlib_text(2000))
   run_dir = tmp_path / "run"
   assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir)]) == 0
-  events = [e for e in registry(run_dir)["events"] if e["kind"] == "rollback"]
-  assert events and events[0]["reason"] == "spike" and events[0]["to"] == 130
-  assert 141 <= events[0]["chunk"] <= 150 and events[0]["lr_scale"] == 0.5
-  assert 140 in events[0]["discarded"]
+  events = registry(run_dir)["events"]
+  assert events and {e["kind"] for e in events} == {"spike_ignored"}
+  assert 141 <= events[0]["chunk"] <= 150 and events[0]["checked"] == 130
   state, record = final(run_dir)
-  assert float(state.lr_scale) <= 0.5
+  assert float(state.lr_scale) == 1.0 and int(state.step) == record["totals"]["chunks"]
+
+
+@pytest.fixture(scope="module")
+def before_damage(tmp_path_factory, text_file):
+  """A run over 140 chunks of text: versions 0, 10, ..., 140."""
+  data = text_file.parent / "long.txt"
+  data.write_bytes(stdlib_text(200 * 64))
+  run_dir = tmp_path_factory.mktemp("runs") / "before_damage"
+  assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir),
+                          "--max-bytes", str(140 * 64)]) == 0
+  return run_dir, data
+
+
+def damaged_session(run_dir, data, overrides=()):
+  """The run resumed with its embedding wiped out: from chunk 141 on, it predicts nothing."""
+  config = config_from_dict(json.loads((run_dir / "config.json").read_text()), list(overrides))
+  session = Session.open(config, run_dir=str(run_dir), data=str(data), resume=True)
+  params = dict(session.state.params)
+  params["embed"] = {"embedding": params["embed"]["embedding"] * 0.0}
+  session.state = session.state.replace(params=params)
+  return session
+
+
+def test_a_spike_from_bad_learning_rolls_back_to_the_last_good_version(tmp_path, before_damage):
+  run_dir = copy_run(before_damage[0], tmp_path / "run")
+  session = damaged_session(run_dir, before_damage[1])
+  assert session.run(max_bytes=30 * 64) == 0
+  events = registry(run_dir)["events"]
+  # The onset is chunk 141, so the last good version is the newest older than the update
+  # before it (<= 139): 130.
+  assert [e["kind"] for e in events] == ["rollback"]
+  assert events[0]["reason"] == "spike" and events[0]["to"] == 130
+  assert 141 <= events[0]["chunk"] <= 150 and events[0]["lr_scale"] == 0.5
+  assert events[0]["discarded"] == [140]
+  state, record = final(run_dir)
+  assert float(state.lr_scale) == 0.5
   # The stream went on from where it was: every byte seen once, fewer chunks learned.
-  assert record["totals"]["bytes"] == data.stat().st_size
+  assert record["totals"]["bytes"] == 170 * 64
   assert int(state.step) < record["totals"]["chunks"]
   # The version saved right after the rollback descends from the restored one.
   after = [v for v in registry(run_dir)["versions"] if v["step"] >= events[0]["chunk"]]
   assert after[0]["parent"] == 130 and after[0]["lr_scale"] == 0.5
+  assert [v["rolled_back"] for v in registry(run_dir)["versions"] if v["step"] == 140] == [True]
   tb = b"".join(p.read_bytes() for p in (run_dir / "tb").glob("events.*"))
   assert b"safety/rollback_to" in tb
+
+
+def test_replay_streams_again_from_the_restored_version(tmp_path, before_damage):
+  run_dir = copy_run(before_damage[0], tmp_path / "run")
+  session = damaged_session(run_dir, before_damage[1], ["safety.replay=true"])
+  assert session.run() == 0                      # to the end of the file
+  event = registry(run_dir)["events"][0]
+  assert event["replay"] and event["to"] == 130 and event["discarded"] == [140]
+  # The versions after the target moved aside; the stream and totals went back to it.
+  assert [int(p.name) for p in (run_dir / "aside").glob("*-rolled-back-from-*/*")] == [140]
+  state, record = final(run_dir)
+  assert record["totals"]["bytes"] == 200 * 64
+  assert int(state.step) == record["totals"]["chunks"] == 200   # every chunk learned once
+  entries = [v for v in registry(run_dir)["versions"] if v["step"] == 140]
+  assert entries[0]["status"] == "aside" and entries[1]["lr_scale"] == 0.5   # 140 again, anew
 
 
 def test_repeated_nan_updates_roll_back(tmp_path, text_file, caplog):
