@@ -200,6 +200,7 @@ class Checkpointer:
 
   def _restore_exact(self, step: int, abstract_state: Any) -> Restored:
     self._require(step)
+    _silence_closed_loop_noise()  # before: the noise may come while the failure unwinds
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
@@ -207,7 +208,6 @@ class Checkpointer:
           tokenizer=ocp.args.JsonRestore()))
       state, record = restored["state"], dict(restored["stream"])
     except Exception as err:  # orbax and tensorstore raise many kinds; all mean "unreadable"
-      _silence_closed_loop_noise()
       raise VersionError(f"version {step} is unreadable ({_first_line(err)})") from None
     expected = record.get("state_crc32")
     if expected is not None and state_crc32(state) != expected:

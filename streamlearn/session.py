@@ -264,14 +264,16 @@ class Session:
             last = self._record(*in_flight, progress, clock)
             alarm = alarm or last
             in_flight = None
-            position = self._rollback(alarm, position, token_stream) if alarm else position
-            self.last_saved = self._save(position)
+            restored = self._rollback(alarm, position, token_stream) if alarm else None
+            if restored is not None or due:  # a rollback is saved at once
+              position = restored or position
+              self.last_saved = self._save(position)
     except KeyboardInterrupt:
       interrupts.requested = True
     finally:
       alarm = self._record(*in_flight, progress, clock) if in_flight is not None else None
       if alarm is not None:
-        position = self._rollback(alarm, position, token_stream)
+        position = self._rollback(alarm, position, token_stream) or position
       self.last_saved = self._save(position)
       self.checkpointer.close()
       self._register()
@@ -320,8 +322,12 @@ class Session:
 
   # --- the safety net ---------------------------------------------------------------------
 
-  def _rollback(self, alarm: Alarm, position: dict, token_stream: TokenStream) -> dict:
-    """Restores the last good version, lowers the learning rate; returns the position to save at."""
+  def _rollback(self, alarm: Alarm, position: dict, token_stream: TokenStream) -> dict | None:
+    """Restores the last good version and lowers the learning rate, unless a spike is the data's.
+
+    Returns the stream position to save the restored state at (`position`, the current one,
+    or the restored version's with `replay`); None when nothing was restored.
+    """
     cfg = self.config.safety
     self.checkpointer.wait()
     self._register()  # every complete version in the registry before any is marked
@@ -332,9 +338,9 @@ class Session:
     except VersionError as err:  # not even the base restores: nothing safe to go on with
       log.error(f"error: rollback at chunk {alarm.chunk:,} ({alarm.detail}) impossible: {err}")
       self.failed = self.stopped = True
-      return position
+      return None
     if alarm.reason == "spike" and not self._confirmed(alarm, got.step, got.state):
-      return position
+      return None
     lr_scale = lowered_lr_scale(float(self.state.lr_scale), cfg)
     discarded = [s for s in steps if s > got.step]
     event = {"kind": "rollback", "time": time.time(), "reason": alarm.reason,
