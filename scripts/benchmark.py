@@ -69,8 +69,8 @@ def run_config(config_path: str | None, overrides: list[str], spec: str | None, 
   tokenizer = make_tokenizer(config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
                              warmup=first_bytes(spec, config.tokenizer.warmup_bytes, config)
                              if config.tokenizer.kind == "bpe" else b"")
-  lm, optimizer, step = build(config, tokenizer.vocab_size)
-  state = init_learner(lm, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+  predictor, optimizer, step = build(config, tokenizer.vocab_size)
+  state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
   source = open_source(spec, max_file_bytes=config.data.max_file_bytes,
                        block_bytes=config.data.block_bytes)
   stream = TokenStream(source, tokenizer, config.data.chunk_tokens, max_bytes=n)

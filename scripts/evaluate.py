@@ -47,8 +47,7 @@ def evaluate(target: str, data: str, max_bytes: int | None, prompt: str | None,
     return TokenStream(source, tokenizer, config.data.chunk_tokens, max_bytes=max_bytes)
 
   state = learner.state
-  frozen = score_through(make_score(learner.lm), state.params, state.rec_state,
-                         state.last_token_B, chunks())
+  frozen = score_through(make_score(learner.predictor), state.params, state.carry, chunks())
   # The step donates its input: adapt a copy so `learner` stays usable for samples.
   _, adaptive = learn_through(learner._step, jax.tree.map(lambda x: x.copy(), state), chunks())
   row = {"run": target, "step": int(state.step), "bytes": frozen.bytes,

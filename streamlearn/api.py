@@ -26,8 +26,7 @@ import numpy as np
 
 from streamlearn.checkpoint import Checkpointer, abstract_like
 from streamlearn.config import Config, config_from_dict, load_config
-from streamlearn.learner import Chunk, build, init_learner
-from streamlearn.model import LM
+from streamlearn.learner import Carry, Chunk, Predictor, build, init_learner
 from streamlearn.tokenizer import Tokenizer, load_tokenizer, make_tokenizer
 
 
@@ -36,40 +35,36 @@ def _as_bytes(text: str | bytes) -> bytes:
 
 
 @functools.cache
-def _token_walk(lm: LM, T: int):
-  """Jitted: the state after the first n of T tokens (one at a time), and the next-token logits."""
+def _walk(predictor: Predictor):
+  """Jitted: the carry after the first n of T tokens, and the logits for the token after them."""
 
-  def walk(params, rec_state, last_token_B, tokens_T, n):
-    # The learner's convention: rec_state has seen every token before last_token.
-    def one(carry, i):
-      rec, prev = carry
-      _, new_rec = lm.apply(params, prev[:, None], rec)
-      keep = i < n
-      rec = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_rec, rec)
-      prev = jnp.where(keep, tokens_T[i][None], prev)
-      return (rec, prev), None
-
-    (rec, prev), _ = jax.lax.scan(one, (rec_state, last_token_B), jnp.arange(T))
-    # The logits for the token after the last fed one come from feeding that token.
-    logits_1x1xV, _ = lm.apply(params, prev[:, None], rec)
-    return rec, prev, logits_1x1xV[:, 0]
+  def walk(params, carry: Carry, tokens_1xT, n):
+    _, carry = predictor.advance(params, carry, tokens_1xT, jnp.reshape(n, (1,)))
+    return carry, _next_logits(predictor, params, carry)
 
   return jax.jit(walk)
 
 
+def _next_logits(predictor: Predictor, params, carry: Carry) -> jax.Array:
+  # A chunk with no real token: its first logits are the prediction for what
+  # comes next, and the carry does not move.
+  logits_1x1xV, _ = predictor.advance(params, carry, jnp.zeros((1, 1), jnp.int32),
+                                      jnp.zeros((1,), jnp.int32))
+  return logits_1x1xV[:, 0]
+
+
 @functools.cache
-def _sampler(lm: LM, max_tokens: int):
-  def sample(params, rec_state, last_token_B, key, temperature):
+def _sampler(predictor: Predictor, max_tokens: int):
+  def sample(params, carry: Carry, key, temperature):
     def one(carry, key):
-      rec, prev = carry
-      logits_1x1xV, rec = lm.apply(params, prev[:, None], rec)
-      logits_1xV = logits_1x1xV[:, 0] / jnp.maximum(temperature, 1e-6)
+      logits_1xV = _next_logits(predictor, params, carry) / jnp.maximum(temperature, 1e-6)
       greedy = jnp.argmax(logits_1xV, axis=-1)
       drawn = jax.random.categorical(key, logits_1xV, axis=-1)
-      token = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
-      return (rec, token), token[0]
+      token_1 = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+      _, carry = predictor.advance(params, carry, token_1[:, None], jnp.ones((1,), jnp.int32))
+      return carry, token_1[0]
 
-    _, tokens = jax.lax.scan(one, (rec_state, last_token_B), jax.random.split(key, max_tokens))
+    _, tokens = jax.lax.scan(one, carry, jax.random.split(key, max_tokens))
     return tokens
 
   return jax.jit(sample)
@@ -80,9 +75,9 @@ class Learner:
 
   def __init__(self, config: Config, tokenizer: Tokenizer, state=None):
     self.config, self.tokenizer = config, tokenizer
-    self.lm, self.optimizer, self._step = build(config, tokenizer.vocab_size)
+    self.predictor, self.optimizer, self._step = build(config, tokenizer.vocab_size)
     self.state = state if state is not None else init_learner(
-        self.lm, self.optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+        self.predictor, self.optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
     self._pending = np.zeros((0,), np.int32)
     self.bytes_learned = 0
     self.bits_learned = 0.0
@@ -141,31 +136,30 @@ class Learner:
   # --- reading ----------------------------------------------------------------------------
 
   def _current(self):
-    """(recurrent state, last token, next-token logits) after every token fed so far."""
+    """(carry, next-token logits) after every token fed so far."""
+    return self._walk_from(self.state.carry, self._pending)
+
+  def _walk_from(self, carry: Carry, tokens: np.ndarray):
     T = self.config.data.chunk_tokens
-    padded = np.full(T, self.tokenizer.pad_id, np.int32)
-    padded[:len(self._pending)] = self._pending
-    return _token_walk(self.lm, T)(self.state.params, self.state.rec_state,
-                                   self.state.last_token_B, jnp.asarray(padded),
-                                   len(self._pending))
+    walk = _walk(self.predictor)
+    logits = _next_logits(self.predictor, self.state.params, carry) if not len(tokens) else None
+    for lo in range(0, len(tokens), T):
+      piece = tokens[lo:lo + T]
+      padded = np.full((1, T), self.tokenizer.pad_id, np.int32)
+      padded[0, :len(piece)] = piece
+      carry, logits = walk(self.state.params, carry, jnp.asarray(padded), len(piece))
+    return carry, logits
 
   def next_token_probs(self) -> np.ndarray:
     """Probabilities [vocab] of the next token, given everything fed so far."""
-    _, _, logits = self._current()
+    _, logits = self._current()
     return np.asarray(jax.nn.softmax(logits[0]))
 
   def generate(self, prompt: str | bytes = b"", *, max_tokens: int = 200,
                temperature: float = 1.0, seed: int = 0) -> str:
     """Continues the stream (plus `prompt`) without learning; decoded as UTF-8 (lenient)."""
-    rec, last, _ = self._current()
-    prompt_tokens = self.tokenizer.encode(_as_bytes(prompt))
-    T = self.config.data.chunk_tokens
-    walk = _token_walk(self.lm, T)
-    for lo in range(0, len(prompt_tokens), T):
-      piece = prompt_tokens[lo:lo + T]
-      padded = np.full(T, self.tokenizer.pad_id, np.int32)
-      padded[:len(piece)] = piece
-      rec, last, _ = walk(self.state.params, rec, last, jnp.asarray(padded), len(piece))
-    tokens = _sampler(self.lm, max_tokens)(self.state.params, rec, last,
-                                           jax.random.PRNGKey(seed), float(temperature))
+    carry, _ = self._current()
+    carry, _ = self._walk_from(carry, self.tokenizer.encode(_as_bytes(prompt)))
+    tokens = _sampler(self.predictor, max_tokens)(self.state.params, carry,
+                                                  jax.random.PRNGKey(seed), float(temperature))
     return self.tokenizer.decode(np.asarray(tokens)).decode("utf-8", errors="replace")

@@ -36,6 +36,16 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MatchConfig:
+  enabled: bool = True        # the match model's prediction enters the logits (streamlearn/match.py)
+  orders: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 11, 16, 23, 32)  # contexts hashed: one candidate each
+  max_len: int = 32           # longest match verified; the trust in a match is learned per length
+  history_log2: int = 20      # tokens of stream history kept: 2^20
+  table_log2: int = 18        # slots of each context's hash table: 2^18
+  lr_mult: float = 20.0       # the trust table learns this much faster than the network
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
   kind: str = "bytes"         # bytes (256 + specials, no training) | bpe
   vocab_size: int = 1024      # bpe only: total vocabulary, specials included
@@ -90,6 +100,7 @@ class Config:
   name: str = "default"       # run name: the run directory is checkpoints/<name>/
   seed: int = 0               # parameter init and every random draw of the run
   model: ModelConfig = ModelConfig()
+  match: MatchConfig = MatchConfig()
   tokenizer: TokenizerConfig = TokenizerConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
@@ -106,6 +117,12 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "model.mlp_mult": _POSITIVE, "model.conv_width": _POSITIVE,
     "model.scan_impl": (lambda v: v in ("auto", "lax", "associative", "pallas"),
                         "one of auto, lax, associative, pallas"),
+    "match.orders": (lambda v: len(v) > 0 and all(o > 0 for o in v) and len(set(v)) == len(v),
+                     "a non-empty list of distinct positive integers"),
+    "match.max_len": _POSITIVE,
+    "match.history_log2": (lambda v: 8 <= v <= 28, "in [8, 28]"),
+    "match.table_log2": (lambda v: 4 <= v <= 28, "in [4, 28]"),
+    "match.lr_mult": _POSITIVE,
     "tokenizer.kind": (lambda v: v in ("bytes", "bpe"), "one of bytes, bpe"),
     "tokenizer.vocab_size": (lambda v: v >= 259, ">= 259 (256 bytes + 3 specials)"),
     "tokenizer.warmup_bytes": _POSITIVE,
@@ -125,12 +142,20 @@ _CHECKS: dict[str, tuple[Any, str]] = {
 
 
 def _type_name(tp) -> str:
+  if typing.get_origin(tp) is tuple:
+    return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(
+        typing.get_args(tp)[0], str(tp))
   return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
       tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(key: str, value: Any, tp) -> Any:
   """Checks value against a field type; ints are accepted where floats are expected."""
+  if typing.get_origin(tp) is tuple:  # tuple[X, ...]: a TOML array of X
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    item = typing.get_args(tp)[0]
+    return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
   if tp is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
@@ -201,7 +226,18 @@ def config_from_dict(table: dict, overrides: list[str] = ()) -> Config:
   for text in overrides:
     path, value = parse_override(text)
     _set_nested(table, path, value, text)
-  return _build(Config, table, "")
+  config = _build(Config, table, "")
+  _check_across(config)
+  return config
+
+
+def _check_across(config: Config) -> None:
+  """Checks that involve more than one key."""
+  match, T = config.match, config.data.chunk_tokens
+  need = 2 * T + max(max(match.orders), match.max_len)
+  if match.enabled and (1 << match.history_log2) < need:
+    raise ConfigError(f"match.history_log2: 2^{match.history_log2} tokens of history is too "
+                      f"short for data.chunk_tokens = {T} (needs >= {need})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -220,8 +256,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def config_to_dict(config: Config) -> dict:
-  """Plain nested dict (for saving beside checkpoints and for TensorBoard)."""
-  return dataclasses.asdict(config)
+  """Plain nested dict (for saving beside checkpoints and for TensorBoard): JSON types only."""
+  return _lists(dataclasses.asdict(config))
+
+
+def _lists(table: Any) -> Any:
+  if isinstance(table, dict):
+    return {k: _lists(v) for k, v in table.items()}
+  return list(table) if isinstance(table, tuple) else table
 
 
 def _deep_copy(table: Any) -> Any:

@@ -17,6 +17,7 @@ every token of the stream is scored exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -26,18 +27,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from streamlearn.config import Config, OptimConfig
+from streamlearn.config import Config, MatchConfig, OptimConfig
+from streamlearn.match import MatchState, init_match, match_update
 from streamlearn.model import LM
 
 _LN2 = math.log(2.0)
 
 
 @flax.struct.dataclass
+class Carry:
+  """What a stream carries from chunk to chunk besides the parameters."""
+
+  rec_state: Any           # the model's recurrent state (per layer h and conv tail)
+  last_token_B: jax.Array  # int32: the token before the next chunk (not yet read by the model)
+  match: MatchState | None  # the match model's history and tables (None: match model off)
+
+
+@flax.struct.dataclass
 class LearnerState:
   params: Any
   opt_state: Any
-  rec_state: Any           # the model's carried state (per layer h and conv tail)
-  last_token_B: jax.Array  # int32: the token before the next chunk
+  carry: Carry
   step: jax.Array          # int32: chunks learned from so far
   rng: jax.Array           # uint32[2]: the run's key; each step folds in `step`
   lr_scale: jax.Array      # float32: multiplies every update; rollbacks lower it (safety.py)
@@ -49,15 +59,29 @@ class Chunk(NamedTuple):
   n_bytes_B: jax.Array     # float32: bytes the chunk's real tokens stand for
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """AdamW after global-norm clipping; linear warm-up, then constant (a stream never ends)."""
-  schedule = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
-  # Decay matrices only: norms' scales, biases and the LRU's decay logits stay put.
-  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+def make_optimizer(cfg: OptimConfig, match_lr_mult: float = 1.0) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping; linear warm-up, then constant (a stream never ends).
+
+  The match model's trust table (`match_trust`) gets `match_lr_mult` times the
+  learning rate: its few numbers must settle within the first hundred chunks,
+  where matches help most, not over thousands.
+  """
+
+  def adamw(lr_mult: float) -> optax.GradientTransformation:
+    schedule = optax.linear_schedule(0.0, cfg.learning_rate * lr_mult,
+                                     max(cfg.warmup_steps, 1))
+    # Decay matrices only: norms' scales, biases and the LRU's decay logits stay put.
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                       weight_decay=cfg.weight_decay, mask=decay_mask)
+
+  def labels(params):
+    return {k: jax.tree.map(lambda _: "match" if k == "match_trust" else "net", v)
+            for k, v in params.items()}
+
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                  weight_decay=cfg.weight_decay, mask=decay_mask),
+      optax.multi_transform({"net": adamw(1.0), "match": adamw(match_lr_mult)}, labels),
   )
 
 
@@ -65,32 +89,62 @@ def learning_rate(cfg: OptimConfig, step: jax.Array) -> jax.Array:
   return cfg.learning_rate * jnp.minimum(1.0, step / max(cfg.warmup_steps, 1))
 
 
-def init_learner(lm: LM, optimizer: optax.GradientTransformation, *, seed: int,
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """The µLM plus the match model: how a stream's tokens become next-token logits."""
+
+  lm: LM
+  match_cfg: MatchConfig | None   # None: the match model is off
+
+  def init_carry(self, batch: int, bos_id: int) -> Carry:
+    """The carry before the stream's first token."""
+    return Carry(rec_state=self.lm.init_state(batch),
+                 last_token_B=jnp.full((batch,), bos_id, jnp.int32),
+                 match=init_match(self.match_cfg, batch) if self.match_cfg else None)
+
+  def advance(self, params, carry: Carry, tokens_BxT, n_real_B):
+    """(logits_BxTxV, carry after the first n_real_B tokens); logits[:, t] predicts tokens[:, t].
+
+    Tokens from n_real_B on are padding: no state moves past them. With
+    n_real_B = 0, the logits at t = 0 are the prediction for the next token.
+    """
+    inputs_BxT = jnp.concatenate([carry.last_token_B[:, None], tokens_BxT[:, :-1]], axis=1)
+    features, match = None, None
+    if self.match_cfg:
+      features, match = match_update(self.match_cfg, carry.match, tokens_BxT, n_real_B)
+    logits_BxTxV, rec_state = self.lm.apply(params, inputs_BxT, carry.rec_state, n_real_B,
+                                            features)
+    last_B = jnp.take_along_axis(tokens_BxT, jnp.maximum(n_real_B - 1, 0)[:, None], 1)[:, 0]
+    last_B = jnp.where(n_real_B > 0, last_B, carry.last_token_B)
+    return logits_BxTxV, Carry(rec_state, last_B, match)
+
+
+def make_predictor(config: Config, vocab_size: int) -> Predictor:
+  match_cfg = config.match if config.match.enabled else None
+  lm = LM(config.model, vocab_size, match_len=match_cfg.max_len if match_cfg else 0,
+          match_orders=len(match_cfg.orders) if match_cfg else 0)
+  return Predictor(lm, match_cfg)
+
+
+def init_learner(predictor: Predictor, optimizer: optax.GradientTransformation, *, seed: int,
                  bos_id: int, batch: int = 1) -> LearnerState:
   """The state before the first chunk."""
   # A raw uint32 key, not a typed one: checkpoints store it as a plain array.
   key = jax.random.PRNGKey(seed)
-  params = jax.jit(lm.init)(jax.random.fold_in(key, 0))
+  params = jax.jit(predictor.lm.init)(jax.random.fold_in(key, 0))
   return LearnerState(
-      params=params, opt_state=jax.jit(optimizer.init)(params), rec_state=lm.init_state(batch),
-      last_token_B=jnp.full((batch,), bos_id, jnp.int32), step=jnp.zeros((), jnp.int32),
-      rng=key, lr_scale=jnp.ones((), jnp.float32))
+      params=params, opt_state=jax.jit(optimizer.init)(params),
+      carry=predictor.init_carry(batch, bos_id), step=jnp.zeros((), jnp.int32), rng=key,
+      lr_scale=jnp.ones((), jnp.float32))
 
 
-def chunk_nll(lm: LM, params, rec_state, last_token_B, chunk: Chunk):
-  """Summed next-token NLL (nats) of the chunk's real tokens, and the state after it."""
-  inputs_BxT = jnp.concatenate([last_token_B[:, None], chunk.tokens_BxT[:, :-1]], axis=1)
+def chunk_nll(predictor: Predictor, params, carry: Carry, chunk: Chunk):
+  """Summed next-token NLL (nats) of the chunk's real tokens, and the carry after it."""
   n_real_B = jnp.sum(chunk.mask_BxT > 0, axis=1).astype(jnp.int32)
-  logits_BxTxV, new_rec_state = lm.apply(params, inputs_BxT, rec_state, n_real_B)
+  logits_BxTxV, carry = predictor.advance(params, carry, chunk.tokens_BxT, n_real_B)
   nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
       logits_BxTxV.astype(jnp.float32), chunk.tokens_BxT)
-  return jnp.sum(nll_BxT * chunk.mask_BxT), new_rec_state
-
-
-def _last_real_token(chunk: Chunk, fallback_B: jax.Array) -> jax.Array:
-  n_real_B = jnp.sum(chunk.mask_BxT > 0, axis=1).astype(jnp.int32)
-  last_B = jnp.take_along_axis(chunk.tokens_BxT, jnp.maximum(n_real_B - 1, 0)[:, None], 1)[:, 0]
-  return jnp.where(n_real_B > 0, last_B, fallback_B)
+  return jnp.sum(nll_BxT * chunk.mask_BxT), carry
 
 
 def score_metrics(nll_sum, chunk: Chunk) -> dict[str, jax.Array]:
@@ -106,15 +160,15 @@ def _skip_if_non_finite(old: LearnerState, new: LearnerState, loss, grad_norm):
   """The safety net's guard: a NaN/Inf loss or gradient leaves the whole state as it was.
 
   Returns (state, 1.0 if skipped else 0.0). The chunk is then as if never
-  seen (recurrent state and last token included), so nothing non-finite can
-  reach the parameters, the optimizer or the carried state.
+  seen (the carry included), so nothing non-finite can reach the parameters,
+  the optimizer or what the stream carries.
   """
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   return state, 1.0 - ok.astype(jnp.float32)
 
 
-def make_step(lm: LM, optimizer: optax.GradientTransformation, optim_cfg: OptimConfig):
+def make_step(predictor: Predictor, optimizer: optax.GradientTransformation, optim_cfg: OptimConfig):
   """The jitted step(state, chunk) -> (state, metrics); `state` is donated.
 
   The key for the step's random draws is `fold_in(state.rng, state.step)`:
@@ -124,12 +178,12 @@ def make_step(lm: LM, optimizer: optax.GradientTransformation, optim_cfg: OptimC
 
   def step(state: LearnerState, chunk: Chunk) -> tuple[LearnerState, dict]:
     def loss_fn(params):
-      nll_sum, new_rec = chunk_nll(lm, params, state.rec_state, state.last_token_B, chunk)
-      return nll_sum / jnp.maximum(jnp.sum(chunk.mask_BxT), 1.0), (nll_sum, new_rec)
+      nll_sum, carry = chunk_nll(predictor, params, state.carry, chunk)
+      return nll_sum / jnp.maximum(jnp.sum(chunk.mask_BxT), 1.0), (nll_sum, carry)
 
     # Score first: the loss below is computed with the parameters as they were
     # before this chunk; the update that follows is the first to see it.
-    (_, (nll_sum, new_rec)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (nll_sum, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     # An array in the state, not a constant: lowering it never recompiles the step.
     updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
@@ -138,9 +192,7 @@ def make_step(lm: LM, optimizer: optax.GradientTransformation, optim_cfg: OptimC
     metrics.update(grad_norm=optax.tree.norm(grads),
                    learning_rate=learning_rate(optim_cfg, state.step) * state.lr_scale)
     new_state = state.replace(
-        params=params, opt_state=opt_state,
-        rec_state=jax.lax.stop_gradient(new_rec),
-        last_token_B=_last_real_token(chunk, state.last_token_B),
+        params=params, opt_state=opt_state, carry=jax.lax.stop_gradient(carry),
         step=state.step + 1)
     new_state, metrics["skipped"] = _skip_if_non_finite(state, new_state, nll_sum,
                                                         metrics["grad_norm"])
@@ -149,23 +201,23 @@ def make_step(lm: LM, optimizer: optax.GradientTransformation, optim_cfg: OptimC
   return jax.jit(step, donate_argnums=0)
 
 
-def make_score(lm: LM):
-  """The jitted score(params, rec_state, last_token, chunk) -> (rec_state, last_token, metrics).
+def make_score(predictor: Predictor):
+  """The jitted score(params, carry, chunk) -> (carry, metrics).
 
-  Scoring with no learning: for frozen evaluation and for reading probabilities.
+  Scoring with no learning, for frozen evaluation; the carry still moves on.
   """
 
-  def score(params, rec_state, last_token_B, chunk: Chunk):
-    nll_sum, new_rec = chunk_nll(lm, params, rec_state, last_token_B, chunk)
-    return new_rec, _last_real_token(chunk, last_token_B), score_metrics(nll_sum, chunk)
+  def score(params, carry: Carry, chunk: Chunk):
+    nll_sum, carry = chunk_nll(predictor, params, carry, chunk)
+    return carry, score_metrics(nll_sum, chunk)
 
   return jax.jit(score)
 
 
 @functools.cache
 def build(config: Config, vocab_size: int):
-  """(lm, optimizer, step) for a config and a vocabulary size; cached, so runs in
-  one process with the same config share one compiled step."""
-  lm = LM(config.model, vocab_size)
-  optimizer = make_optimizer(config.optim)
-  return lm, optimizer, make_step(lm, optimizer, config.optim)
+  """(predictor, optimizer, step) for a config and a vocabulary size; cached, so
+  runs in one process with the same config share one compiled step."""
+  predictor = make_predictor(config, vocab_size)
+  optimizer = make_optimizer(config.optim, config.match.lr_mult)
+  return predictor, optimizer, make_step(predictor, optimizer, config.optim)

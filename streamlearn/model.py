@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamlearn.config import ModelConfig
+from streamlearn.match import MatchFeatures
 from streamlearn.scan import linear_scan
 
 # Sizes from ~0.1M to ~30M parameters (byte vocabulary), for `[model] preset`.
@@ -105,6 +106,16 @@ def _lru_a_init(key, shape, dtype=jnp.float32):
   return jnp.log(a) - jnp.log1p(-a)
 
 
+def _match_trust_init(key, shape, dtype=jnp.float32):
+  """A prior that longer matches are likelier right: bonus 0.25 per token, up to 4.
+
+  Learning moves it from there; starting at zero would waste the start of the
+  stream, where the network knows least and matches help most.
+  """
+  del key
+  return jnp.broadcast_to(0.25 * jnp.minimum(jnp.arange(shape[-1]), 16), shape).astype(dtype)
+
+
 class RGLRU(nn.Module):
   """Real-gated linear recurrent unit: h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t)."""
 
@@ -175,6 +186,8 @@ def _residual_init(cfg: ModelConfig):
 class MicroLM(nn.Module):
   cfg: ModelConfig
   vocab_size: int
+  match_len: int = 0     # longest match length the match model reports; 0: no match input
+  match_orders: int = 0  # how many predictions (one per context order) it makes per token
 
   def setup(self):
     cfg = self.cfg
@@ -183,15 +196,35 @@ class MicroLM(nn.Module):
     self.recurrent = [RecurrentBlock(cfg) for _ in range(cfg.n_layers)]
     self.mlp = [MLPBlock(cfg) for _ in range(cfg.n_layers)]
     self.final_norm = RMSNorm()
+    if self.match_len:
+      # Logit bonus for the match model's token, learned per verified length:
+      # how far a match of that length is to be trusted on this stream.
+      self.match_trust = self.param("match_trust", _match_trust_init,
+                                    (self.match_orders, self.match_len + 1))
+      # The trunk reads the matches too: which tokens they predict, and how long they are.
+      self.match_token_embed = nn.Embed(self.vocab_size, cfg.d_model,
+                                        embedding_init=nn.initializers.normal(0.1))
+      self.match_length_embed = nn.Embed(self.match_orders * (self.match_len + 1), cfg.d_model,
+                                         embedding_init=nn.initializers.zeros_init())
 
-  def __call__(self, tokens_BxT, state: tuple[LayerState, ...], n_real_B=None):
-    return self.from_embeddings(self.embed(tokens_BxT), state, n_real_B)
+  def __call__(self, tokens_BxT, state: tuple[LayerState, ...], n_real_B=None,
+               match: MatchFeatures | None = None):
+    x_BxTxD = self.embed(tokens_BxT)
+    if match is not None:
+      found_BxTxOx1 = (match.length_BxTxO > 0)[..., None]
+      offset_1x1xO = (jnp.arange(self.match_orders) * (self.match_len + 1))[None, None]
+      x_BxTxD = x_BxTxD + jnp.sum(
+          found_BxTxOx1 * self.match_token_embed(match.token_BxTxO)
+          + self.match_length_embed(offset_1x1xO + match.length_BxTxO), axis=2)
+    return self.from_embeddings(x_BxTxD, state, n_real_B, match)
 
-  def from_embeddings(self, x_BxTxD, state: tuple[LayerState, ...], n_real_B=None):
+  def from_embeddings(self, x_BxTxD, state: tuple[LayerState, ...], n_real_B=None,
+                      match: MatchFeatures | None = None):
     """The model after the embedding lookup (tests differentiate through inputs here).
 
     n_real_B: real tokens per row (the rest is end-of-stream padding, which
     leaves the carried state untouched); None means all T are real.
+    match: the match model's prediction for each position's *target* token.
     """
     B, T = x_BxTxD.shape[:2]
     if n_real_B is None:
@@ -204,6 +237,14 @@ class MicroLM(nn.Module):
     x_BxTxD = self.final_norm(x_BxTxD)
     # Tied head; 1/sqrt(D) keeps initial logits O(1) with unit-variance embeddings.
     logits_BxTxV = self.embed.attend(x_BxTxD) / math.sqrt(self.cfg.d_model)
+    if match is not None:
+      # Orders that agree add up; an order with no match adds nothing.
+      order_1x1xO = jnp.arange(self.match_orders)[None, None]
+      trust_BxTxO = jnp.where(match.length_BxTxO > 0,
+                              self.match_trust[order_1x1xO, match.length_BxTxO], 0.0)
+      logits_BxTxV = logits_BxTxV + jnp.einsum(
+          "bto,btov->btv", trust_BxTxO,
+          jax.nn.one_hot(match.token_BxTxO, self.vocab_size, dtype=logits_BxTxV.dtype))
     return logits_BxTxV, tuple(new_state)
 
 
@@ -213,10 +254,12 @@ class LM:
 
   cfg: ModelConfig
   vocab_size: int
+  match_len: int = 0     # > 0: apply takes the match model's features (MatchFeatures)
+  match_orders: int = 0
 
   @property
   def module(self) -> MicroLM:
-    return MicroLM(self.cfg, self.vocab_size)
+    return MicroLM(self.cfg, self.vocab_size, self.match_len, self.match_orders)
 
   def init_state(self, batch: int) -> tuple[LayerState, ...]:
     """The state before any token: zeros."""
@@ -228,12 +271,14 @@ class LM:
   def init(self, key: jax.Array) -> dict:
     """Fresh parameters."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return self.module.init(key, tokens, self.init_state(1))["params"]
+    none_1x1xO = jnp.zeros((1, 1, self.match_orders), jnp.int32)
+    match = MatchFeatures(none_1x1xO, none_1x1xO) if self.match_len else None
+    return self.module.init(key, tokens, self.init_state(1), None, match)["params"]
 
-  def apply(self, params, tokens_BxT, state,
-            n_real_B=None) -> tuple[jax.Array, tuple[LayerState, ...]]:
+  def apply(self, params, tokens_BxT, state, n_real_B=None,
+            match: MatchFeatures | None = None) -> tuple[jax.Array, tuple[LayerState, ...]]:
     """(logits [B, T, V] float32, the state after the last real token)."""
-    return self.module.apply({"params": params}, tokens_BxT, state, n_real_B)
+    return self.module.apply({"params": params}, tokens_BxT, state, n_real_B, match)
 
 
 def count_params(params) -> int:

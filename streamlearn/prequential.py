@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamlearn.learner import Chunk, LearnerState
+from streamlearn.learner import Carry, Chunk, LearnerState
 from streamlearn.stream import HostChunk
 
 
@@ -99,12 +99,12 @@ def learn_through(step_fn, state: LearnerState, chunks: Iterable[HostChunk]):
   return holder[0], result
 
 
-def score_through(score_fn, params, rec_state, last_token_B, chunks: Iterable[HostChunk]):
-  """PassResult of frozen scoring over the chunks (the recurrent state carries)."""
-  holder = [rec_state, last_token_B]
+def score_through(score_fn, params, carry: Carry, chunks: Iterable[HostChunk]):
+  """PassResult of frozen scoring over the chunks (the carry still moves on)."""
+  holder = [carry]
 
   def run_one(chunk):
-    holder[0], holder[1], metrics = score_fn(params, holder[0], holder[1], chunk)
+    holder[0], metrics = score_fn(params, holder[0], chunk)
     return metrics
 
   return _drive(run_one, chunks)

@@ -35,7 +35,7 @@ log = logging.getLogger("streamlearn.run")
 
 CONFIG_FILE = "config.json"
 # Sections that fix the shapes of the state: a resumed run must keep them.
-_FROZEN_ON_RESUME = ("model", "tokenizer", "data.chunk_tokens")
+_FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens")
 
 
 class RunError(RuntimeError):
@@ -92,7 +92,7 @@ class Session:
     self.config, self.run_dir, self.source = config, run_dir, source
     self.tokenizer, self.state, self.stream_start, self.totals = (
         tokenizer, state, stream_start, totals)
-    self.lm, self.optimizer, self.step_fn = build(config, tokenizer.vocab_size)
+    self.predictor, self.optimizer, self.step_fn = build(config, tokenizer.vocab_size)
     self.lock = lock
     self.checkpointer = Checkpointer(run_dir, config.checkpoint, writable=True)
     # The safety net's host side, carried in every version's record (see safety.py).
@@ -151,8 +151,8 @@ class Session:
   @classmethod
   def _from_base(cls, config: Config, run_dir: Path, source: Source, tokenizer: Tokenizer,
                  lock: RunLock) -> "Session":
-    lm, optimizer, _ = build(config, tokenizer.vocab_size)
-    state = init_learner(lm, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+    predictor, optimizer, _ = build(config, tokenizer.vocab_size)
+    state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
     return cls(config, run_dir, source, tokenizer, state, None, Totals(), lock)
 
   @classmethod
@@ -167,8 +167,8 @@ class Session:
       checkpointer.close()
       log.warning(f"warning: {run_dir} has no complete version yet; starting from the base")
       return cls._from_base(config, run_dir, source, tokenizer, lock)
-    lm, optimizer, _ = build(config, tokenizer.vocab_size)
-    fresh = init_learner(lm, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+    predictor, optimizer, _ = build(config, tokenizer.vocab_size)
+    fresh = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
     try:
       got = checkpointer.restore_newest(abstract_like(fresh))
     except VersionError as err:

@@ -79,3 +79,13 @@ def test_benchmark_reports_the_schema(tmp_path, text_file, capsys):
   run = report["runs"][0]
   assert run["config"] == "tiny" and run["bpb"] > 0 and run["bytes"] == 1500
   assert "| streamlearn tiny |" in capsys.readouterr().out
+
+
+def test_bench_step_times_variants_as_ratios(text_file, capsys):
+  bench_step = load_script("bench_step")
+  assert bench_step.main(["--config", TINY, "--data", str(text_file), "--chunks", "2",
+                          "--rounds", "2", "--variant", "with", "--variant", "without",
+                          "match.enabled=false"]) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| with")
+          or line.startswith("| without")]
+  assert len(rows) == 2 and rows[0].endswith("| 1.00 |")

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from streamlearn.config import Config, ConfigError, load_config, parse_override
+from streamlearn.config import (Config, ConfigError, config_from_dict, config_to_dict,
+                                load_config, parse_override)
 from streamlearn.model import PRESETS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -39,6 +40,13 @@ def test_preset_keys_can_be_overridden(tmp_path):
   assert model.d_model == PRESETS["nano"].d_model and model.n_layers == 5
 
 
+def test_lists_load_as_tuples_and_save_as_lists():
+  config = load_config(None, ["match.orders=[3, 9]"])
+  assert config.match.orders == (3, 9)
+  assert config_to_dict(config)["match"]["orders"] == [3, 9]  # JSON-shaped, as saved
+  assert config_from_dict(config_to_dict(config)) == config
+
+
 def test_ints_are_accepted_for_floats():
   assert load_config(None, ["optim.learning_rate=1"]).optim.learning_rate == 1.0
 
@@ -54,6 +62,11 @@ def test_ints_are_accepted_for_floats():
     (["model.preset=huge"], r"^model\.preset: unknown preset 'huge'"),
     (["model=3"], r"^model: expected a table"),
     (["learning_rate"], r"expected key=value"),
+    (["match.orders=4"], r"^match\.orders: expected a list of integers, got 4$"),
+    (["match.orders=[4, 2.5]"], r"^match\.orders\[1\]: expected an integer"),
+    (["match.orders=[4, 4]"], r"^match\.orders: must be a non-empty list of distinct positive"),
+    (["match.history_log2=9"], r"^match\.history_log2: 2\^9 tokens of history is too short "
+                               r"for data\.chunk_tokens = 256"),
 ])
 def test_bad_values_name_the_key(overrides, message):
   with pytest.raises(ConfigError, match=message) as info:

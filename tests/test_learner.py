@@ -48,7 +48,7 @@ def test_score_first(tiny, rng):
   score = make_score(lm)
   for k, chunk in enumerate(chunks):
     s = before[k]
-    _, _, metrics = score(s.params, s.rec_state, s.last_token_B, chunk)
+    _, metrics = score(s.params, s.carry, chunk)
     assert float(metrics["bits"]) == pytest.approx(bits[k], rel=1e-6)
   # Changing chunk 2 changes no score before it, and does change its own.
   changed = list(chunks)
@@ -79,8 +79,29 @@ def test_padding_is_neither_scored_nor_counted(tiny, rng):
   state = init_learner(lm, optimizer, seed=0, bos_id=BOS)
   s0 = copy(state)
   state, metrics = step(state, chunk)
-  _, _, want = make_score(lm)(s0.params, s0.rec_state, s0.last_token_B,
-                               make_chunk(tokens[:10]))
+  _, want = make_score(lm)(s0.params, s0.carry, make_chunk(tokens[:10]))
   assert float(metrics["bits"]) == pytest.approx(float(want["bits"]), rel=1e-5)
   assert float(metrics["tokens"]) == 10.0
-  assert int(state.last_token_B[0]) == int(tokens[9])
+  assert int(state.carry.last_token_B[0]) == int(tokens[9])
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_match_model_predicts_a_far_repeat(rng, enabled):
+  # 1,024 random tokens, then the same again: nothing a 0.1M-parameter
+  # recurrence can memorise, but every token of the copy has a long match.
+  config = load_config(None, ["model.preset=nano", "data.chunk_tokens=64",
+                              "optim.warmup_steps=1", f"match.enabled={str(enabled).lower()}"])
+  predictor, optimizer, step = build(config, VOCAB)
+  block = rng.integers(0, 256, 1024)
+  stream = np.concatenate([block, block])
+  state = init_learner(predictor, optimizer, seed=0, bos_id=BOS)
+  bits = []
+  for i in range(0, len(stream), 64):
+    state, metrics = step(state, make_chunk(stream[i:i + 64]))
+    bits.append(float(metrics["bits_per_token"]))
+  first, copy_tail = np.mean(bits[:16]), np.mean(bits[-8:])
+  assert first > 7.0  # random bytes: 8 bits each at best, for a model that cannot copy
+  if enabled:
+    assert copy_tail < 4.0, bits
+  else:
+    assert copy_tail > 7.0, bits

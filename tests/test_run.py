@@ -30,8 +30,8 @@ def text_file(tmp_path_factory):
 
 def final_state(run_dir):
   config = load_config(TINY)
-  lm, optimizer, _ = build(config, 259)
-  fresh = init_learner(lm, optimizer, seed=config.seed, bos_id=256)
+  predictor, optimizer, _ = build(config, 259)
+  fresh = init_learner(predictor, optimizer, seed=config.seed, bos_id=256)
   checkpointer = Checkpointer(Path(run_dir), config.checkpoint)
   state, stream, _ = checkpointer.restore(None, abstract_like(fresh))
   checkpointer.close()
