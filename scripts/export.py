@@ -54,12 +54,12 @@ def _dir_bytes(path: Path) -> int:
 
 def frozen_bpb(config, tokenizer, params, data: str, max_bytes: int | None) -> float:
   """Bits/byte of `params` on `data`, learning nothing, from a fresh recurrent state."""
-  lm, _, _ = build(config, tokenizer.vocab_size)
+  predictor, _, _ = build(config, tokenizer.vocab_size)
   source = open_source(data, max_file_bytes=config.data.max_file_bytes,
                        block_bytes=config.data.block_bytes)
   chunks = TokenStream(source, tokenizer, config.data.chunk_tokens, max_bytes=max_bytes)
-  bos = jax.numpy.full((1,), tokenizer.bos_id, jax.numpy.int32)
-  return score_through(make_score(lm), params, lm.init_state(1), bos, chunks).bits_per_byte
+  carry = predictor.init_carry(1, tokenizer.bos_id)
+  return score_through(make_score(predictor), params, carry, chunks).bits_per_byte
 
 
 def export(run_dir: str, step: str | None, out: str, eval_data: str | None,
@@ -70,8 +70,8 @@ def export(run_dir: str, step: str | None, out: str, eval_data: str | None,
     version = _version(run, step)
     record, tokenizer_json = run.checkpointer.read_record(version)
     tokenizer = tokenizer_from_json(tokenizer_json, f"version {version}")
-    lm, optimizer, _ = build(run.config, tokenizer.vocab_size)
-    fresh = init_learner(lm, optimizer, seed=run.config.seed, bos_id=tokenizer.bos_id)
+    predictor, optimizer, _ = build(run.config, tokenizer.vocab_size)
+    fresh = init_learner(predictor, optimizer, seed=run.config.seed, bos_id=tokenizer.bos_id)
     state, _, _ = run.checkpointer.restore(version, abstract_like(fresh))
   finally:
     run.checkpointer.close()

@@ -36,8 +36,8 @@ def restore(run_dir: str, step: int, *, reset: bool) -> str:
         tokenizer = tokenizer_from_json(tokenizer_json, f"version {step}")
       except (ValueError, KeyError) as err:
         raise VersionError(f"version {step} has an unreadable tokenizer ({err})") from None
-      lm, optimizer, _ = build(run.config, tokenizer.vocab_size)
-      fresh = init_learner(lm, optimizer, seed=run.config.seed, bos_id=tokenizer.bos_id)
+      predictor, optimizer, _ = build(run.config, tokenizer.vocab_size)
+      fresh = init_learner(predictor, optimizer, seed=run.config.seed, bos_id=tokenizer.bos_id)
       _, record, _ = run.checkpointer.restore(step, abstract_like(fresh))
       later = [s for s in run.checkpointer.all_steps() if s > step]
     finally:

@@ -11,10 +11,11 @@ One msgpack map (no pickle, no msgpack extension types):
                     {dtype, shape, data (raw little-endian bytes), and for int8:
                      scale (float32 bytes, one per channel), axis (the channel axis)}
 
-Matrices (the embedding included) are int8, symmetric, one scale per output
-channel: a Dense kernel's columns (last axis), the embedding's rows (axis 0:
+Matrices (the embeddings included) are int8, symmetric, one scale per output
+channel: a Dense kernel's columns (last axis), an embedding's rows (axis 0:
 each token's vector, and its logit through the tied head). Vectors (norm
-scales, biases, LRU decay logits) stay float32: they are few and sensitive.
+scales, biases, LRU decay logits) and matrices under 1,024 entries (the match
+model's trust table) stay float32: they are few and sensitive.
 The loader dequantizes to float32 and hands back a `streamlearn.Learner`, which
 generates text (and can even keep learning).
 """
@@ -31,6 +32,7 @@ from flax import traverse_util
 
 FORMAT, VERSION = "streamlearn.artifact", 1
 _SEP = "/"
+_MIN_INT8 = 1024  # smaller matrices (the match model's trust table) stay float32
 
 
 class ArtifactError(ValueError):
@@ -60,7 +62,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
 
 def _leaf(path: str, x: np.ndarray) -> dict:
   x = np.asarray(x)
-  if x.ndim >= 2:
+  if x.ndim >= 2 and x.size >= _MIN_INT8:
     axis = channel_axis(path, x.ndim)
     q, scale = quantize(x, axis)
     return {"dtype": "int8", "shape": list(x.shape), "data": q.tobytes(),

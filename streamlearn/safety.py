@@ -10,11 +10,12 @@ The score is any lower-is-better number per observation: a canary's bits/byte
 can feed a `SpikeDetector` of its own in place of the prequential one.
 
 A spike alarm is confirmed before anything is rolled back: the version to
-restore learns through the very chunks that raised the alarm (a copy, thrown
-away). If it pays as much on them — it would have crossed the same line — the
-data got harder, not the model worse (a new kind of file in the stream), and
-the watch starts over at the new level with nothing restored. Non-finite
-alarms need no confirmation.
+restore and the current parameters both score the very chunks that raised the
+alarm, frozen and from an empty carry (so neither gains from context the
+other lacks). Unless the version does clearly better — by half the spike
+fraction — the data got harder, not the model worse (a new kind of file in
+the stream), and the watch starts over at the new level with nothing
+restored. Non-finite alarms need no confirmation.
 
 A rollback restores the newest version older than the update that preceded
 the first bad chunk (`Alarm.before`), so no update that may have caused the
@@ -42,7 +43,6 @@ class Alarm(NamedTuple):
   chunk: int         # the chunk (1-based count) whose metrics raised it
   before: int        # roll back to the newest version with step <= before
   detail: str        # one line for logs and the registry
-  line: float = float("inf")  # spike: the bits/byte a confirming version must stay under
   window: tuple = ()  # spike: the chunks that raised it (HostChunks, oldest first)
 
 
@@ -110,7 +110,7 @@ class Guard:
     onset = next((r[0] for r in self.recent if r[1] / r[2] > line), self.recent[0][0])
     return Alarm("spike", chunk, onset - 2,
                  f"bits/byte {score:.3f} over the last {len(self.recent)} chunks > median "
-                 f"{median:.3f} x {1 + self.cfg.spike_fraction:g}", line, self.window())
+                 f"{median:.3f} x {1 + self.cfg.spike_fraction:g}", self.window())
 
   def window(self) -> tuple[HostChunk, ...]:
     """The last chunks, as the stream gave them (for confirming a spike)."""

@@ -23,8 +23,8 @@ from streamlearn.checkpoint import (Checkpointer, RunLock, VersionError, abstrac
                                     move_aside)
 from streamlearn.config import Config, config_to_dict
 from streamlearn.console import Interrupts, Progress, human_bytes
-from streamlearn.learner import LearnerState, build, init_learner
-from streamlearn.prequential import Totals, device_chunk, learn_through
+from streamlearn.learner import LearnerState, build, init_learner, make_score
+from streamlearn.prequential import Totals, device_chunk, score_through
 from streamlearn.registry import Registry
 from streamlearn.safety import Alarm, Guard, lowered_lr_scale, rollback_candidates
 from streamlearn.sources import Block, Source, SourceError, open_source
@@ -108,6 +108,7 @@ class Session:
                                "to": parent, "aside": set_aside[0], "path": str(set_aside[1])})
     self.registry.write()
     self._unregistered: tuple[int, dict] | None = None
+    self._score_fn = None  # frozen scoring, compiled at the first spike alarm
 
   # --- opening ------------------------------------------------------------------------------
 
@@ -372,16 +373,20 @@ class Session:
     return position
 
   def _confirmed(self, alarm: Alarm, step: int, candidate) -> bool:
-    """Whether version `step` would have stayed under the line on the alarm's chunks."""
-    copy = jax.tree.map(jnp.copy, candidate)  # the step donates its input
-    _, result = learn_through(self.step_fn, copy, alarm.window)
-    if result.bits_per_byte <= alarm.line:
+    """Whether version `step`'s parameters predict the alarm's chunks clearly better than now."""
+    if self._score_fn is None:
+      self._score_fn = make_score(self.predictor)
+    # Both frozen, both from an empty carry: neither gains from context the other lacks.
+    carry = self.predictor.init_carry(1, self.tokenizer.bos_id)
+    now = score_through(self._score_fn, self.state.params, carry, alarm.window).bits_per_byte
+    then = score_through(self._score_fn, candidate.params, carry, alarm.window).bits_per_byte
+    if then * (1.0 + self.config.safety.spike_fraction / 2) < now:
       return True
     event = {"kind": "spike_ignored", "time": time.time(), "detail": alarm.detail,
-             "chunk": alarm.chunk, "checked": step, "checked_bpb": result.bits_per_byte}
-    log.info(f"spike at chunk {alarm.chunk:,} ({alarm.detail}), but version {step} pays as "
-             f"much on those chunks ({result.bits_per_byte:.3f} bits/byte): the data changed, "
-             f"not the model; nothing rolled back")
+             "chunk": alarm.chunk, "checked": step, "checked_bpb": then, "current_bpb": now}
+    log.info(f"spike at chunk {alarm.chunk:,} ({alarm.detail}), but version {step} does no "
+             f"better on those chunks ({then:.3f} bits/byte against {now:.3f} now): the data "
+             f"changed, not the model; nothing rolled back")
     self._writer.add_text("safety/events", json.dumps(event), alarm.chunk)
     self.guard.reset()  # the new level is the norm now
     self.registry.add_event(event)  # not in self.events: versions carry only rollbacks

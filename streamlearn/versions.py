@@ -87,7 +87,8 @@ def describe_event(e: dict) -> str:
             f"learning rate x{e['lr_scale']:g}")
   if e.get("kind") == "spike_ignored":
     return (f"{when}  spike at chunk {e['chunk']:,} ({e['detail']}) not rolled back: version "
-            f"{e['checked']} pays as much on those chunks ({e['checked_bpb']:.3f} bits/byte)")
+            f"{e['checked']} does no better on those chunks ({e['checked_bpb']:.3f} bits/byte "
+            f"against {e['current_bpb']:.3f})")
   aside = f"; moved aside: {', '.join(map(str, e['aside']))}" if e.get("aside") else ""
   return f"{when}  {e.get('kind', '?').replace('_', ' ')} -> version {e.get('to')}{aside}"
 

@@ -73,8 +73,8 @@ def test_export_round_trip_is_small_and_close(exported):
   assert floats.keys() == int8s.keys()
   for path, a in floats.items():
     b = int8s[path]
-    if a.ndim == 1:
-      np.testing.assert_array_equal(a, b)                # vectors stay float32, exactly
+    if a.ndim == 1 or a.size < 1024:
+      np.testing.assert_array_equal(a, b)                # vectors, small tables: float32, exact
     else:                                                # half a step of the channel's scale
       axis = channel_axis(path, a.ndim)
       amax = np.abs(a).max(axis=tuple(i for i in range(a.ndim) if i != axis), keepdims=True)

@@ -92,7 +92,7 @@ def test_guard_alarms_and_their_rollback_bound():
   for c in range(1, 6):
     assert guard.observe(c, 128.0, chunk(c), False) is None   # 2 bits/byte, steady
   alarm = guard.observe(6, 640.0, chunk(6), False)            # 10 bits/byte: the window's is 6
-  assert alarm.reason == "spike" and alarm.before == 6 - 2 and alarm.line == 3.0
+  assert alarm.reason == "spike" and alarm.before == 6 - 2
   assert [c.tokens_T[0] for c in alarm.window] == [5, 6]     # the chunks to confirm it on
   restored = Guard.from_json(cfg, json.loads(json.dumps(guard.to_json())))
   assert restored.to_json() == guard.to_json() and restored.score() == guard.score()
@@ -107,8 +107,8 @@ def test_rollback_candidates_skip_discarded_but_always_keep_the_base():
 
 def test_nan_update_is_skipped_and_counted():
   config = config_from_dict({"model": {"preset": "nano"}, "data": {"chunk_tokens": 16}})
-  lm, optimizer, step = build(config, 259)
-  state = init_learner(lm, optimizer, seed=0, bos_id=256)
+  predictor, optimizer, step = build(config, 259)
+  state = init_learner(predictor, optimizer, seed=0, bos_id=256)
   poisoned = state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan),
                                                state.params))
   before = jax.device_get(poisoned)
