@@ -87,7 +87,7 @@ class LogConfig:
 @dataclasses.dataclass(frozen=True)
 class SafetyConfig:
   max_skips: int = 3          # consecutive non-finite (skipped) updates that trigger a rollback
-  spike_fraction: float = 0.5  # roll back when the score exceeds its rolling median by this much (0: off)
+  spike_fraction: float = 0.5  # roll back when the score exceeds its rolling median by this (0: off)
   signal_chunks: int = 16     # the score: prequential bits/byte over the last this many chunks
   median_chunks: int = 256    # the rolling median's window; checks start once it is full
   lr_factor: float = 0.5      # each rollback multiplies the learning rate by this

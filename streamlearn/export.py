@@ -99,10 +99,11 @@ def unpack(data: bytes) -> dict:
     blob = msgpack.unpackb(data, raw=False, strict_map_key=True)
   except (ValueError, msgpack.UnpackException) as err:
     raise ArtifactError(f"not a msgpack file ({type(err).__name__})") from None
-  if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-    raise ArtifactError(f"not a streamlearn artifact (format {blob.get('format') if isinstance(blob, dict) else None!r})")
+  found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+  if found != FORMAT:
+    raise ArtifactError(f"not a streamlearn artifact (format {found!r})")
   if blob.get("version") != VERSION:
-    raise ArtifactError(f"artifact version {blob.get('version')!r}; this streamlearn reads {VERSION}")
+    raise ArtifactError(f"artifact version {blob.get('version')!r}; this one reads {VERSION}")
   params = {k: _array(k, leaf) for k, leaf in blob["params"].items()}
   return {"config": blob["config"], "tokenizer": blob["tokenizer"], "source": blob["source"],
           "params": traverse_util.unflatten_dict(params, sep=_SEP)}

@@ -202,10 +202,11 @@ class Session:
     host_state = jax.device_get(self.state)
     score = self.guard.score()
     running = self.totals.bits_per_byte
+    running = running if math.isfinite(running) else None  # JSON has no NaN
     record = {"position": position, "totals": dataclasses.asdict(self.totals),
               "source": self.source.name, "time": time.time(), "parent": self.parent,
               "learner_step": int(host_state.step), "lr_scale": float(host_state.lr_scale),
-              "scores": {"score": score, "running_bpb": running if math.isfinite(running) else None},
+              "scores": {"score": score, "running_bpb": running},
               "safety": self.guard.to_json(), "events": self.events,
               "discarded": sorted(self.discarded)}
     tokenizer_json = json.loads((self.run_dir / "tokenizer.json").read_text())
@@ -395,8 +396,11 @@ class Session:
 
   def _safety_text(self) -> str:
     rollbacks = sum(e["kind"] == "rollback" for e in self.events)
-    parts = ([f"{self.totals.skipped} updates skipped (NaN/Inf)"] if self.totals.skipped else []) + (
-        [f"{rollbacks} rollback{'s' * (rollbacks > 1)}"] if rollbacks else [])
+    parts = []
+    if self.totals.skipped:
+      parts.append(f"{self.totals.skipped} updates skipped (NaN/Inf)")
+    if rollbacks:
+      parts.append(f"{rollbacks} rollback{'s' * (rollbacks > 1)}")
     return f" ({', '.join(parts)})" if parts else ""
 
   def _rate(self, clock) -> float:

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.toml")
 # The same overrides as test_safety.py (one compiled step per test process); a version
 # every 10 chunks, so a kill often lands in the middle of a save.
-SAFE = ["--config", TINY, "--set", "checkpoint.every_chunks=10", "--set", "checkpoint.max_to_keep=5",
-        "--set", "safety.signal_chunks=4", "--set", "safety.median_chunks=20"]
+SAFE = ["--config", TINY, "--set", "checkpoint.every_chunks=10",
+        "--set", "checkpoint.max_to_keep=5", "--set", "safety.signal_chunks=4",
+        "--set", "safety.median_chunks=20"]
 TRIALS = 3
 
 
@@ -60,7 +61,8 @@ def assert_same(got, want):
 
 
 def partial_steps(run_dir) -> list[int]:
-  return sorted(int(p.name.split(".")[0]) for p in (run_dir / "versions").glob("*.orbax-checkpoint-tmp*"))
+  tmp = (run_dir / "versions").glob("*.orbax-checkpoint-tmp*")
+  return sorted(int(p.name.split(".")[0]) for p in tmp)
 
 
 def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_no_crash(
@@ -85,7 +87,8 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_no_crash(
     partial = partial_steps(run_dir)
     caplog.clear()
     assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir), "--resume"]) == 0
-    resumed = [r.message for r in caplog.records if "resuming" in r.message or "no complete" in r.message]
+    resumed = [r.message for r in caplog.records
+               if "resuming" in r.message or "no complete" in r.message]
     assert resumed, caplog.text
     # Never a half-written version: those are neither loaded nor left behind.
     assert not any(f"at chunk {s:,} " in resumed[0] for s in partial), (partial, resumed)
@@ -97,7 +100,8 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_like_no_crash(
 def test_a_half_written_version_is_never_loaded(tmp_path, data, reference):
   # The state a crash mid-save leaves: a newer version under Orbax's temporary name, part-written.
   run_dir = tmp_path / "run"
-  assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir), "--max-bytes", "2560"]) == 0
+  assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir),
+                          "--max-bytes", "2560"]) == 0
   half = run_dir / "versions" / "50.orbax-checkpoint-tmp-1795000000000000"
   shutil.copytree(run_dir / "versions" / "40", half)
   for f in (half / "state").rglob("*"):

@@ -42,7 +42,8 @@ def test_int8_is_per_channel_and_within_half_a_step(rng):
 
 def test_the_embedding_is_scaled_per_token_everything_else_per_output():
   assert channel_axis("embed/embedding", 2) == 0
-  assert channel_axis("mlp_0/down/kernel", 2) == 1 and channel_axis("recurrent_0/conv/kernel", 2) == 1
+  assert channel_axis("mlp_0/down/kernel", 2) == 1
+  assert channel_axis("recurrent_0/conv/kernel", 2) == 1
 
 
 @pytest.fixture(scope="module")
@@ -121,5 +122,6 @@ def test_export_script_errors_are_one_line(exported, tmp_path, capsys):
     assert script(["--run-dir", str(run_dir), "--out", str(tmp_path / "x.slm")] + args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.splitlines()) == 1
-  assert script(["--run-dir", str(run_dir), "--out", str(tmp_path / "b.slm"), "--step", "best"]) == 0
+  out = str(tmp_path / "b.slm")
+  assert script(["--run-dir", str(run_dir), "--out", out, "--step", "best"]) == 0
   assert "version" in capsys.readouterr().out

@@ -26,8 +26,9 @@ from streamlearn.versions import main as versions_main
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.toml")
 # One set of overrides for every run here: one compiled step per test process.
-SAFE = ["--config", TINY, "--set", "checkpoint.every_chunks=10", "--set", "checkpoint.max_to_keep=5",
-        "--set", "safety.signal_chunks=4", "--set", "safety.median_chunks=20"]
+SAFE = ["--config", TINY, "--set", "checkpoint.every_chunks=10",
+        "--set", "checkpoint.max_to_keep=5", "--set", "safety.signal_chunks=4",
+        "--set", "safety.median_chunks=20"]
 
 
 def load_script(name):
