@@ -6,34 +6,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
-from streamlearn import Learner
-from streamlearn.checkpoint import Checkpointer
 from streamlearn.run import main as run_main
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "configs" / "tiny.toml")
-# The same overrides as test_safety.py (one compiled step per test process); a version
-# every 10 chunks, so a kill often lands in the middle of a save.
-SAFE = ["--config", TINY, "--set", "checkpoint.every_chunks=10",
-        "--set", "checkpoint.max_to_keep=5", "--set", "safety.signal_chunks=4",
-        "--set", "safety.median_chunks=20"]
+from safety_runs import SAFE, assert_same_state, final, stdlib_text
+
 TRIALS = 3
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-  # Real text from this machine's stdlib, never from a benchmark corpus.
-  import json as json_module
-  folder = Path(json_module.__file__).parent
-  text = b"".join(p.read_bytes() for p in sorted(folder.glob("*.py")))
   path = tmp_path_factory.mktemp("data") / "text.txt"
-  path.write_bytes((text * 3)[:12_000])
+  path.write_bytes(stdlib_text(12_000))
   return path
 
 
@@ -45,19 +31,10 @@ def reference(tmp_path_factory, data):
   return final(run_dir)
 
 
-def final(run_dir):
-  learner = Learner.load(run_dir)
-  checkpointer = Checkpointer(run_dir, learner.config.checkpoint)
-  record, _ = checkpointer.read_record(checkpointer.latest_step())
-  checkpointer.close()
-  return jax.device_get(learner.state), record["totals"]
-
-
 def assert_same(got, want):
-  (state_a, totals_a), (state_b, totals_b) = got, want
-  assert totals_a == totals_b
-  for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
-    np.testing.assert_array_equal(x, y)
+  """Same final state and totals."""
+  assert got[1]["totals"] == want[1]["totals"]
+  assert_same_state(got[0], want[0])
 
 
 def partial_steps(run_dir) -> list[int]:

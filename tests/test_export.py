@@ -1,8 +1,6 @@
 """Export: int8 per-channel quantization, the msgpack artifact, its loader."""
 
-import importlib.util
 import pickle
-from pathlib import Path
 
 import jax
 import msgpack
@@ -15,18 +13,7 @@ from streamlearn.export import (ArtifactError, channel_axis, dequantize, load_ar
                                 main as export_main, quantize, read_artifact)
 from streamlearn.run import main as run_main
 
-ROOT = Path(__file__).resolve().parent.parent
-# The same overrides as test_safety.py: one compiled step per test process.
-SAFE = ["--config", str(ROOT / "configs" / "tiny.toml"), "--set", "checkpoint.every_chunks=10",
-        "--set", "checkpoint.max_to_keep=5", "--set", "safety.signal_chunks=4",
-        "--set", "safety.median_chunks=20"]
-
-
-def load_script(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from safety_runs import SAFE, load_script, stdlib_text
 
 
 def test_int8_is_per_channel_and_within_half_a_step(rng):
@@ -48,9 +35,8 @@ def test_the_embedding_is_scaled_per_token_everything_else_per_output():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  import json as json_module
   tmp = tmp_path_factory.mktemp("export")
-  text = b"".join(p.read_bytes() for p in sorted(Path(json_module.__file__).parent.glob("*.py")))
+  text = stdlib_text(9000)
   data = tmp / "text.txt"
   data.write_bytes(text[:6000])
   held_out = tmp / "held_out.txt"

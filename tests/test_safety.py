@@ -1,8 +1,6 @@
 """The safety net: NaN/Inf skips, rollbacks, versions, the registry, restore, corrupt versions."""
 
-import importlib.util
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -23,27 +21,11 @@ from streamlearn.session import Session
 from streamlearn.stream import HostChunk
 from streamlearn.versions import main as versions_main
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "configs" / "tiny.toml")
-# One set of overrides for every run here: one compiled step per test process.
-SAFE = ["--config", TINY, "--set", "checkpoint.every_chunks=10",
-        "--set", "checkpoint.max_to_keep=5", "--set", "safety.signal_chunks=4",
-        "--set", "safety.median_chunks=20"]
+from safety_runs import SAFE, assert_same_state, final, load_script, stdlib_text
 
 
-def load_script(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def stdlib_text(n: int) -> bytes:
-  # Real text from this machine's stdlib, never from a benchmark corpus.
-  import json as json_module
-  folder = Path(json_module.__file__).parent
-  text = b"".join(p.read_bytes() for p in sorted(folder.glob("*.py")))
-  return (text * (n // len(text) + 1))[:n]
+def registry(run_dir):
+  return json.loads((Path(run_dir) / REGISTRY_FILE).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +33,6 @@ def text_file(tmp_path_factory):
   path = tmp_path_factory.mktemp("data") / "text.txt"
   path.write_bytes(stdlib_text(3000))
   return path
-
-
-def final(run_dir):
-  """(state, record) of a run's latest version."""
-  learner = Learner.load(run_dir)
-  checkpointer = Checkpointer(run_dir, learner.config.checkpoint)
-  record, _ = checkpointer.read_record(checkpointer.latest_step())
-  checkpointer.close()
-  return learner.state, record
-
-
-def assert_same_state(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def registry(run_dir):
-  return json.loads((Path(run_dir) / REGISTRY_FILE).read_text())
 
 
 # --- the guard, on its own -------------------------------------------------------------------
