@@ -45,8 +45,12 @@ ASIDE_DIR = "aside"
 BASE_STEP = 0  # the original base: saved before any learning, never rotated away
 
 
-class VersionError(RuntimeError):
-  """A version that is missing or unreadable; the message is one line."""
+class VersionError(FileNotFoundError):
+  """A version that is missing or unreadable; the message is one line.
+
+  A FileNotFoundError, as Orbax's own "no such step" is: callers that report
+  that one in a line (scripts/evaluate.py) report this one the same way.
+  """
 
 
 class Restored(NamedTuple):
