@@ -1,67 +1,225 @@
 """Orbax checkpoints of a run: the whole learner state plus where the stream stood.
 
-A version (one Orbax step, numbered by learner step) holds three items:
+A version (one Orbax step, numbered by chunks of the stream seen) holds three items:
   state      the LearnerState pytree (params, optimizer, recurrent state, ...)
-  stream     JSON: stream position, tokens cut but not yet learned, totals
+  stream     JSON, the version's record: stream position, tokens cut but not yet
+             learned, totals, time, parent version, scores, the safety net's
+             host state, a CRC32 of the state
   tokenizer  JSON: the run's frozen tokenizer, so a version restores alone
 
-Orbax writes each version to a temporary directory and renames it when
-complete, so a crash mid-save never leaves a version that looks whole.
+Orbax writes each version to `<step>.orbax-checkpoint-tmp-*` and renames it
+when complete; only complete versions are ever listed or restored, and a run
+removes the half-written ones it finds. A version whose files are damaged (a
+power cut before the disk flushed, a bad sector) fails to restore or fails its
+CRC; `restore(None, ...)` then warns in one line and takes the one before.
+
+Kept: the newest `max_to_keep`, one per `keep_period` chunks for the long term,
+the `keep_best` best by score, and version 0 — the original base — always.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
+import sys
+import time
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from streamlearn.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
 VERSIONS_DIR = "versions"
+ASIDE_DIR = "aside"
+BASE_STEP = 0  # the original base: saved before any learning, never rotated away
+
+
+class VersionError(FileNotFoundError):
+  """A version that is missing or unreadable; the message is one line.
+
+  A FileNotFoundError, as Orbax's own "no such step" is: callers that report
+  that one in a line (scripts/evaluate.py) report this one the same way.
+  """
+
+
+class Restored(NamedTuple):
+  step: int
+  state: Any
+  record: dict       # the version's "stream" item
+  tokenizer: dict
+  unreadable: list   # [(step, why)] of newer versions that failed before this one
+
+
+def _first_line(err: BaseException) -> str:
+  text = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+  target = logging.getLogger(logger)
+  level = target.level
+  target.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    target.setLevel(level)
+
+
+def _silence_closed_loop_noise() -> None:
+  """Keeps a failed restore to the one line it deserves.
+
+  When one read of a version fails, Orbax closes its event loop while the
+  other reads are still in flight; each of them, finishing later, prints a
+  traceback ("Event loop is closed") through sys.unraisablehook. They add
+  nothing to the VersionError, so only those are dropped; anything else still
+  reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_streamlearn", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._streamlearn = True
+  sys.unraisablehook = hook
+
+
+def state_crc32(state: Any) -> int:
+  """CRC32 over every leaf's bytes, in tree order: a version's state, fingerprinted."""
+  crc = 0
+  for leaf in jax.tree.leaves(state):
+    crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes(), crc)
+  return crc
+
+
+def _policy(cfg: CheckpointConfig):
+  keep = [policies.LatestN(cfg.max_to_keep), policies.CustomSteps([BASE_STEP])]
+  if cfg.keep_period:
+    # Not exact multiples: versions after a rollback or a resume fall off the grid.
+    keep.append(policies.EveryNSteps(cfg.keep_period, exact_interval=False))
+  if cfg.keep_best:
+    keep.append(policies.BestN(get_metric_fn=lambda m: m["score"], reverse=True,
+                               n=cfg.keep_best, keep_checkpoints_without_metrics=False))
+  return policies.AnyPreservationPolicy(keep)
 
 
 class Checkpointer:
-  """Rotating, versioned checkpoints under <run_dir>/versions/."""
+  """Versioned checkpoints under <run_dir>/versions/; read-only unless `writable`.
 
-  def __init__(self, run_dir: Path, cfg: CheckpointConfig):
-    self.directory = (Path(run_dir) / VERSIONS_DIR).absolute()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.max_to_keep,
-        keep_period=cfg.keep_period or None,
-        create=True,
-        enable_async_checkpointing=True,
-    )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+  Only the run itself opens it writable: a writer removes half-written
+  versions, which a reader beside a live run must never do.
+  """
+
+  def __init__(self, run_dir: Path, cfg: CheckpointConfig, *, writable: bool = False):
+    self.run_dir = Path(run_dir).absolute()
+    self.directory = self.run_dir / VERSIONS_DIR
+    if not writable and not self.directory.is_dir():
+      raise VersionError(f"{self.run_dir}: no versions/ directory (not a run directory?)")
+    with _quiet("absl"):  # a reader's "directory is read only" notices are no news
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=_policy(cfg),
+          create=writable,
+          read_only=not writable,
+          cleanup_tmp_directories=writable,
+          enable_async_checkpointing=True,
+      )
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def reload(self) -> None:
+    """Re-reads versions/ after versions were moved out of it."""
+    self._manager.reload()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    """Complete versions, oldest first."""
+    return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, stream: dict, tokenizer: dict) -> None:
-    """Starts writing a version; returns once the arrays are copied off the device."""
+  def save(self, step: int, state: Any, record: dict, tokenizer: dict,
+           score: float | None = None) -> None:
+    """Starts writing a version of a host state; returns once the save is under way."""
+    record = {**record, "state_crc32": state_crc32(state)}
+    metrics = {"score": score} if score is not None and np.isfinite(score) else None
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        stream=ocp.args.JsonSave(stream),
-        tokenizer=ocp.args.JsonSave(tokenizer)), force=True)
+        stream=ocp.args.JsonSave(record),
+        tokenizer=ocp.args.JsonSave(tokenizer)), metrics=metrics, force=True)
+
+  def read_record(self, step: int) -> tuple[dict, dict]:
+    """(record, tokenizer) of a version, without reading its arrays."""
+    self._require(step)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          stream=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
+      return dict(restored["stream"]), dict(restored["tokenizer"])
+    except Exception as err:  # orbax and tensorstore raise many kinds; all mean "unreadable"
+      raise VersionError(f"version {step} is unreadable ({_first_line(err)})") from None
 
   def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict, dict]:
-    """(state, stream, tokenizer) of a version (the latest when step is None)."""
-    step = self.latest_step() if step is None else step
+    """(state, record, tokenizer) of version `step`; None: the newest readable one."""
     if step is None:
-      raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        stream=ocp.args.JsonRestore(),
-        tokenizer=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["stream"]), dict(restored["tokenizer"])
+      got = self.restore_newest(abstract_state)
+      return got.state, got.record, got.tokenizer
+    got = self._restore_exact(step, abstract_state)
+    return got.state, got.record, got.tokenizer
+
+  def restore_newest(self, abstract_state: Any, steps: list[int] | None = None) -> Restored:
+    """The newest of `steps` (default: all) that restores; warns once per one that does not."""
+    steps = self.all_steps() if steps is None else sorted(steps)
+    if not steps:
+      raise VersionError(f"{self.directory}: no complete version to restore")
+    unreadable = []
+    for step in reversed(steps):
+      try:
+        got = self._restore_exact(step, abstract_state)
+      except VersionError as err:
+        unreadable.append((step, str(err)))
+        older = [s for s in steps if s < step]
+        log.warning(f"warning: {err}; "
+                    + (f"falling back to version {older[-1]}" if older else "no older version"))
+        continue
+      return got._replace(unreadable=unreadable)
+    raise VersionError(f"{self.directory}: no readable version ({unreadable[0][1]})")
+
+  def _require(self, step: int) -> None:
+    if step not in self._manager.all_steps():
+      known = ", ".join(map(str, self.all_steps())) or "none"
+      raise VersionError(f"{self.run_dir}: no complete version {step} (versions: {known})")
+
+  def _restore_exact(self, step: int, abstract_state: Any) -> Restored:
+    self._require(step)
+    _silence_closed_loop_noise()  # before: the noise may come while the failure unwinds
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          stream=ocp.args.JsonRestore(),
+          tokenizer=ocp.args.JsonRestore()))
+      state, record = restored["state"], dict(restored["stream"])
+    except Exception as err:  # orbax and tensorstore raise many kinds; all mean "unreadable"
+      raise VersionError(f"version {step} is unreadable ({_first_line(err)})") from None
+    expected = record.get("state_crc32")
+    if expected is not None and state_crc32(state) != expected:
+      raise VersionError(f"version {step} is corrupt (its state fails its CRC32)")
+    # Uncommitted, like a fresh state's arrays: a restored state then reuses the compiled
+    # step instead of compiling it again for arrays pinned to a device.
+    state = jax.tree.map(jnp.asarray, jax.device_get(state))
+    return Restored(step, state, record, dict(restored["tokenizer"]), [])
 
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
@@ -70,6 +228,52 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def move_aside(run_dir: Path, steps: list[int], why: str) -> Path | None:
+  """Moves versions out of versions/ into aside/<time>-<why>/ (kept, never deleted)."""
+  if not steps:
+    return None
+  run_dir = Path(run_dir)
+  aside = run_dir / ASIDE_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
+  n = 1
+  while aside.exists():
+    n += 1
+    aside = aside.with_name(f"{aside.name.rsplit('~', 1)[0]}~{n}")
+  aside.mkdir(parents=True)
+  # Newest first: a crash halfway leaves the oldest of them as the latest, not a gap.
+  for step in sorted(steps, reverse=True):
+    os.replace(run_dir / VERSIONS_DIR / str(step), aside / str(step))
+  return aside
+
+
+class RunLock:
+  """One writer per run directory: the run, or a restore; never both at once.
+
+  An advisory lock on <run_dir>/.lock that the OS drops when its holder exits,
+  so a run killed with SIGKILL never leaves a stale lock behind.
+  """
+
+  def __init__(self, run_dir: Path):
+    if not Path(run_dir).is_dir():
+      raise VersionError(f"{run_dir}: no such run directory")
+    self.path = Path(run_dir) / ".lock"
+    self._file = open(self.path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "another process"
+      self._file.close()
+      raise VersionError(f"{run_dir} is in use by {holder}; stop it first") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"pid {os.getpid()}")
+    self._file.flush()
+
+  def release(self) -> None:
+    if not self._file.closed:
+      self._file.close()
 
 
 def abstract_like(state: Any) -> Any:

@@ -74,13 +74,25 @@ class OptimConfig:
 class CheckpointConfig:
   every_chunks: int = 1000    # save a version every this many chunks
   max_to_keep: int = 3        # newest versions kept
-  keep_period: int = 10_000   # also keep every version whose step is a multiple of this (0: none)
+  keep_period: int = 10_000   # long-term: also keep one version per this many chunks (0: none)
+  keep_best: int = 1          # also keep this many versions with the best score (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
   tensorboard_every: int = 1  # write per-chunk scalars every this many chunks
   progress_seconds: float = 0.5  # how often the terminal progress line refreshes
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyConfig:
+  max_skips: int = 3          # consecutive non-finite (skipped) updates that trigger a rollback
+  spike_fraction: float = 0.5  # roll back when the score exceeds its rolling median by this (0: off)
+  signal_chunks: int = 16     # the score: prequential bits/byte over the last this many chunks
+  median_chunks: int = 256    # the rolling median's window; checks start once it is full
+  lr_factor: float = 0.5      # each rollback multiplies the learning rate by this
+  min_lr_scale: float = 0.01  # ...down to this fraction of optim.learning_rate at the least
+  replay: bool = False        # after a rollback, stream again from the restored version's position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +106,7 @@ class Config:
   optim: OptimConfig = OptimConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   log: LogConfig = LogConfig()
+  safety: SafetyConfig = SafetyConfig()
 
 
 # Value checks beyond the type: key -> (predicate, what it must be).
@@ -119,8 +132,12 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"), "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.eps": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE, "optim.grad_clip": _POSITIVE,
     "checkpoint.every_chunks": _POSITIVE, "checkpoint.max_to_keep": _POSITIVE,
-    "checkpoint.keep_period": _NON_NEGATIVE,
+    "checkpoint.keep_period": _NON_NEGATIVE, "checkpoint.keep_best": _NON_NEGATIVE,
     "log.tensorboard_every": _POSITIVE, "log.progress_seconds": _POSITIVE,
+    "safety.max_skips": _POSITIVE, "safety.spike_fraction": _NON_NEGATIVE,
+    "safety.signal_chunks": _POSITIVE, "safety.median_chunks": _POSITIVE,
+    "safety.lr_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "safety.min_lr_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
 }
 
 

@@ -50,6 +50,7 @@ class LearnerState:
   carry: Carry
   step: jax.Array          # int32: chunks learned from so far
   rng: jax.Array           # uint32[2]: the run's key; each step folds in `step`
+  lr_scale: jax.Array      # float32: multiplies every update; rollbacks lower it (safety.py)
 
 
 class Chunk(NamedTuple):
@@ -133,7 +134,8 @@ def init_learner(predictor: Predictor, optimizer: optax.GradientTransformation, 
   params = jax.jit(predictor.lm.init)(jax.random.fold_in(key, 0))
   return LearnerState(
       params=params, opt_state=jax.jit(optimizer.init)(params),
-      carry=predictor.init_carry(batch, bos_id), step=jnp.zeros((), jnp.int32), rng=key)
+      carry=predictor.init_carry(batch, bos_id), step=jnp.zeros((), jnp.int32), rng=key,
+      lr_scale=jnp.ones((), jnp.float32))
 
 
 def chunk_nll(predictor: Predictor, params, carry: Carry, chunk: Chunk):
@@ -154,6 +156,18 @@ def score_metrics(nll_sum, chunk: Chunk) -> dict[str, jax.Array]:
               bits_per_byte=bits / jnp.maximum(n_bytes, 1.0))
 
 
+def _skip_if_non_finite(old: LearnerState, new: LearnerState, loss, grad_norm):
+  """The safety net's guard: a NaN/Inf loss or gradient leaves the whole state as it was.
+
+  Returns (state, 1.0 if skipped else 0.0). The chunk is then as if never
+  seen (the carry included), so nothing non-finite can reach the parameters,
+  the optimizer or what the stream carries.
+  """
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return state, 1.0 - ok.astype(jnp.float32)
+
+
 def make_step(predictor: Predictor, optimizer: optax.GradientTransformation, optim_cfg: OptimConfig):
   """The jitted step(state, chunk) -> (state, metrics); `state` is donated.
 
@@ -171,13 +185,17 @@ def make_step(predictor: Predictor, optimizer: optax.GradientTransformation, opt
     # before this chunk; the update that follows is the first to see it.
     (_, (nll_sum, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    # An array in the state, not a constant: lowering it never recompiles the step.
+    updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
     params = optax.apply_updates(state.params, updates)
     metrics = score_metrics(nll_sum, chunk)
     metrics.update(grad_norm=optax.tree.norm(grads),
-                   learning_rate=learning_rate(optim_cfg, state.step))
+                   learning_rate=learning_rate(optim_cfg, state.step) * state.lr_scale)
     new_state = state.replace(
         params=params, opt_state=opt_state, carry=jax.lax.stop_gradient(carry),
         step=state.step + 1)
+    new_state, metrics["skipped"] = _skip_if_non_finite(state, new_state, nll_sum,
+                                                        metrics["grad_norm"])
     return new_state, metrics
 
   return jax.jit(step, donate_argnums=0)

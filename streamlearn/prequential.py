@@ -35,10 +35,13 @@ class Totals:
   tokens: int = 0
   bits: float = 0.0
   chunks: int = 0
+  skipped: int = 0        # chunks whose update was skipped for a NaN/Inf loss or gradient
+  skipped_bytes: int = 0  # their bytes: they have no score, so bits/byte leaves them out
 
   @property
   def bits_per_byte(self) -> float:
-    return self.bits / self.bytes if self.bytes else float("nan")
+    scored = self.bytes - self.skipped_bytes
+    return self.bits / scored if scored else float("nan")
 
 
 @dataclasses.dataclass

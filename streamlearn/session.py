@@ -8,24 +8,28 @@ the stream ended, --max-bytes was reached, or the user pressed Ctrl-C.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import signal
-import sys
+import math
+import os
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
-from streamlearn.checkpoint import Checkpointer, abstract_like
+from streamlearn.checkpoint import (Checkpointer, RunLock, VersionError, abstract_like,
+                                    move_aside)
 from streamlearn.config import Config, config_to_dict
-from streamlearn.learner import LearnerState, build, init_learner
-from streamlearn.prequential import Totals, device_chunk
+from streamlearn.console import Interrupts, Progress, human_bytes
+from streamlearn.learner import LearnerState, build, init_learner, make_score
+from streamlearn.prequential import Totals, device_chunk, score_through
+from streamlearn.registry import Registry
+from streamlearn.safety import Alarm, Guard, lowered_lr_scale, rollback_candidates
 from streamlearn.sources import Block, Source, SourceError, open_source
 from streamlearn.stream import HostChunk, TokenStream
-from streamlearn.tokenizer import Tokenizer, load_tokenizer, make_tokenizer
+from streamlearn.tokenizer import Tokenizer, load_tokenizer, make_tokenizer, tokenizer_from_json
 
 log = logging.getLogger("streamlearn.run")
 
@@ -78,48 +82,33 @@ def _check_same(saved: dict, current: dict, key: str) -> None:
                    f"resume with the run's own config or start a new --run-dir")
 
 
-class Progress:
-  """One live line on a terminal; a plain line every few seconds otherwise."""
-
-  def __init__(self, every_s: float):
-    self.tty = sys.stderr.isatty()
-    self.every_s = every_s if self.tty else max(every_s, 10.0)
-    self.last = 0.0
-
-  def update(self, text: str, force: bool = False) -> None:
-    now = time.monotonic()
-    if not force and now - self.last < self.every_s:
-      return
-    self.last = now
-    if self.tty:
-      sys.stderr.write("\r" + text[:200].ljust(100))
-    else:
-      sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-  def close(self) -> None:
-    if self.tty:
-      sys.stderr.write("\n")
-
-
-def _human_bytes(n: float) -> str:
-  for unit in ("B", "KB", "MB", "GB"):
-    if n < 1000 or unit == "GB":
-      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-    n /= 1000
-  return f"{n:.1f} GB"
-
-
 class Session:
   """An opened run: everything `run` needs, fresh or resumed."""
 
   def __init__(self, config: Config, run_dir: Path, source: Source, tokenizer: Tokenizer,
-               state: LearnerState, stream_start: dict | None, totals: Totals):
+               state: LearnerState, stream_start: dict | None, totals: Totals,
+               lock: RunLock, record: dict | None = None, parent: int | None = None,
+               set_aside: tuple[list[int], Path] | None = None):
     self.config, self.run_dir, self.source = config, run_dir, source
     self.tokenizer, self.state, self.stream_start, self.totals = (
         tokenizer, state, stream_start, totals)
     self.predictor, self.optimizer, self.step_fn = build(config, tokenizer.vocab_size)
-    self.checkpointer = Checkpointer(run_dir, config.checkpoint)
+    self.lock = lock
+    self.checkpointer = Checkpointer(run_dir, config.checkpoint, writable=True)
+    # The safety net's host side, carried in every version's record (see safety.py).
+    record = record or {}
+    self.guard = Guard.from_json(config.safety, record.get("safety"))
+    self.events: list[dict] = list(record.get("events", []))
+    self.discarded: set[int] = set(record.get("discarded", []))
+    self.parent = parent
+    self.registry = Registry.open(run_dir, self.checkpointer.all_steps(), self._read_record)
+    if set_aside is not None:  # unreadable versions the resume moved out of the way
+      self.registry.mark_aside(*set_aside)
+      self.registry.add_event({"kind": "set_aside_unreadable", "time": time.time(),
+                               "to": parent, "aside": set_aside[0], "path": str(set_aside[1])})
+    self.registry.write()
+    self._unregistered: tuple[int, dict] | None = None
+    self._score_fn = None  # frozen scoring, compiled at the first spike alarm
 
   # --- opening ------------------------------------------------------------------------------
 
@@ -130,12 +119,23 @@ class Session:
     source = open_source(data, max_file_bytes=config.data.max_file_bytes,
                          block_bytes=config.data.block_bytes)
     config_path = run_dir_path / CONFIG_FILE
-    if resume:
-      return cls._resume(config, run_dir_path, source)
-    if config_path.exists() or (run_dir_path / "versions").exists():
+    if resume and not config_path.exists():
+      raise RunError(f"{run_dir_path}: no run to resume (no {CONFIG_FILE})")
+    if not resume and (config_path.exists() or (run_dir_path / "versions").exists()):
       raise RunError(f"{run_dir_path} already holds a run; add --resume to continue it, "
                      f"or pick another --run-dir / --set name=...")
     run_dir_path.mkdir(parents=True, exist_ok=True)
+    lock = _lock(run_dir_path)
+    try:
+      if resume:
+        return cls._resume(config, run_dir_path, source, lock)
+      return cls._fresh(config, run_dir_path, source, lock)
+    except BaseException:
+      lock.release()
+      raise
+
+  @classmethod
+  def _fresh(cls, config: Config, run_dir: Path, source: Source, lock: RunLock) -> "Session":
     if config.tokenizer.kind == "bpe":
       warmup, source = _read_prefix(source, config.tokenizer.warmup_bytes)
       log.info(f"training a {config.tokenizer.vocab_size}-token BPE on the first "
@@ -144,67 +144,113 @@ class Session:
       warmup = b""
     tokenizer = make_tokenizer(config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
                                warmup=warmup)
-    tokenizer.save(run_dir_path)
-    config_path.write_text(json.dumps(config_to_dict(config), indent=2))
-    predictor, optimizer, _ = build(config, tokenizer.vocab_size)
-    state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
-    return cls(config, run_dir_path, source, tokenizer, state, None, Totals())
+    tokenizer.save(run_dir)
+    # Written last, and whole (renamed into place): its presence means a run to resume.
+    _write_atomic(run_dir / CONFIG_FILE, json.dumps(config_to_dict(config), indent=2))
+    return cls._from_base(config, run_dir, source, tokenizer, lock)
 
   @classmethod
-  def _resume(cls, config: Config, run_dir: Path, source: Source) -> "Session":
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.exists():
-      raise RunError(f"{run_dir}: no run to resume (no {CONFIG_FILE})")
-    saved = json.loads(config_path.read_text())
+  def _from_base(cls, config: Config, run_dir: Path, source: Source, tokenizer: Tokenizer,
+                 lock: RunLock) -> "Session":
+    predictor, optimizer, _ = build(config, tokenizer.vocab_size)
+    state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+    return cls(config, run_dir, source, tokenizer, state, None, Totals(), lock)
+
+  @classmethod
+  def _resume(cls, config: Config, run_dir: Path, source: Source, lock: RunLock) -> "Session":
+    saved = json.loads((run_dir / CONFIG_FILE).read_text())
     for key in _FROZEN_ON_RESUME:
       _check_same(saved, config_to_dict(config), key)
-    tokenizer = load_tokenizer(run_dir)
+    checkpointer = Checkpointer(run_dir, config.checkpoint, writable=True)
+    steps = checkpointer.all_steps()
+    tokenizer = _run_tokenizer(run_dir, checkpointer, steps)
+    if not steps:  # killed before the base was on disk: the base is made again, identically
+      checkpointer.close()
+      log.warning(f"warning: {run_dir} has no complete version yet; starting from the base")
+      return cls._from_base(config, run_dir, source, tokenizer, lock)
     predictor, optimizer, _ = build(config, tokenizer.vocab_size)
     fresh = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
-    checkpointer = Checkpointer(run_dir, config.checkpoint)
-    if checkpointer.latest_step() is None:
-      raise RunError(f"{run_dir}: no complete checkpoint to resume from")
-    state, stream, _ = checkpointer.restore(None, abstract_like(fresh))
-    checkpointer.close()
-    totals = Totals(**stream["totals"])
+    try:
+      got = checkpointer.restore_newest(abstract_like(fresh))
+    except VersionError as err:
+      raise RunError(str(err)) from None
+    finally:
+      checkpointer.close()
+    set_aside = None
+    if got.unreadable:  # out of the way of the versions this run will write
+      steps_aside = [s for s, _ in got.unreadable]
+      set_aside = (steps_aside, move_aside(run_dir, steps_aside, "unreadable"))
+      log.warning(f"warning: moved unreadable version(s) {', '.join(map(str, steps_aside))} "
+                  f"to {set_aside[1]}")
+    totals = Totals(**got.record["totals"])
     log.info(f"resuming {run_dir} at chunk {totals.chunks:,} ({totals.bytes:,} bytes seen)")
-    return cls(config, run_dir, source, tokenizer, state, stream["position"], totals)
+    return cls(config, run_dir, source, tokenizer, got.state, got.record["position"], totals,
+               lock, got.record, parent=got.step, set_aside=set_aside)
 
   # --- the loop -------------------------------------------------------------------------
+
+  def _read_record(self, step: int) -> dict:
+    return self.checkpointer.read_record(step)[0]
 
   def _save(self, position: dict | None) -> int:
     step = self.totals.chunks
     if position is None or step in self.checkpointer.all_steps():
       return step
+    self.checkpointer.wait()
+    self._register()
     # A host copy: the step donates the device buffers the moment it runs next.
     host_state = jax.device_get(self.state)
-    stream = {"position": position, "totals": dataclasses.asdict(self.totals),
-              "source": self.source.name, "time": time.time()}
+    score = self.guard.score()
+    running = self.totals.bits_per_byte
+    running = running if math.isfinite(running) else None  # JSON has no NaN
+    record = {"position": position, "totals": dataclasses.asdict(self.totals),
+              "source": self.source.name, "time": time.time(), "parent": self.parent,
+              "learner_step": int(host_state.step), "lr_scale": float(host_state.lr_scale),
+              "scores": {"score": score, "running_bpb": running},
+              "safety": self.guard.to_json(), "events": self.events,
+              "discarded": sorted(self.discarded)}
     tokenizer_json = json.loads((self.run_dir / "tokenizer.json").read_text())
-    self.checkpointer.save(step, host_state, stream, tokenizer_json)
+    self.checkpointer.save(step, host_state, record, tokenizer_json, score)
+    self._unregistered = (step, record)
+    self.parent = step
     return step
+
+  def _register(self) -> None:
+    """Puts the last version, now complete on disk, into the registry."""
+    if self._unregistered is not None:
+      self.registry.add_version(*self._unregistered)
+      self._unregistered = None
+    self.registry.sync(self.checkpointer.all_steps(), self._read_record)
+    self.registry.write()
+
+  def _stream(self, start: dict | None, max_bytes: int | None) -> TokenStream:
+    return TokenStream(self.source, self.tokenizer, self.config.data.chunk_tokens,
+                       start=start, max_bytes=max_bytes)
 
   def run(self, max_bytes: int | None = None) -> int:
     """Streams until the source ends, max_bytes, or Ctrl-C; returns the exit code."""
     from tensorboardX import SummaryWriter
 
     config = self.config
-    stream = iter(TokenStream(self.source, self.tokenizer, config.data.chunk_tokens,
-                              start=self.stream_start, max_bytes=max_bytes))
-    writer = SummaryWriter(str(self.run_dir / "tb"))
+    token_stream = self._stream(self.stream_start, max_bytes)
+    self._chunks = iter(token_stream)
+    self._writer = SummaryWriter(str(self.run_dir / "tb"))
     progress = Progress(config.log.progress_seconds)
     clock = (time.monotonic(), self.totals.bytes)
     position = self.stream_start
     self.last_saved = self.totals.chunks if self.stream_start is not None else None
+    if self.stream_start is None:  # a new run: the original base, before any learning
+      position = token_stream.start_position
+      self.last_saved = self._save(position)
     in_flight = None  # (metrics on device, chunk) of the step dispatched last
-    self.failed = False
-    interrupts = _Interrupts()
+    self.failed = self.stopped = False
+    interrupts = Interrupts()
     try:
       with interrupts.installed():
-        while not interrupts.requested:
+        while not (interrupts.requested or self.stopped):
           try:
             with interrupts.raising():  # Ctrl-C may cut only the wait for data
-              chunk = next(stream, None)
+              chunk = next(self._chunks, None)
           except SourceError as err:  # e.g. the file became unreadable mid-stream
             log.error(f"error: {err}")
             self.failed = True
@@ -213,21 +259,28 @@ class Session:
             break
           self.state, metrics = self.step_fn(self.state, device_chunk(chunk))
           # That step is in flight; only now read the one dispatched before it.
-          if in_flight is not None:
-            self._record(*in_flight, writer, progress, clock)
+          alarm = self._record(*in_flight, progress, clock) if in_flight is not None else None
           in_flight, position = (metrics, chunk), chunk.position
-          if self.totals.chunks + 1 - (self.last_saved or 0) >= config.checkpoint.every_chunks:
-            self._record(*in_flight, writer, progress, clock)
+          due = self.totals.chunks + 1 - (self.last_saved or 0) >= config.checkpoint.every_chunks
+          if alarm is not None or due:
+            last = self._record(*in_flight, progress, clock)
+            alarm = alarm or last
             in_flight = None
-            self.last_saved = self._save(position)
+            restored = self._rollback(alarm, position, token_stream) if alarm else None
+            if restored is not None or due:  # a rollback is saved at once
+              position = restored or position
+              self.last_saved = self._save(position)
     except KeyboardInterrupt:
       interrupts.requested = True
     finally:
-      if in_flight is not None:
-        self._record(*in_flight, writer, progress, clock)
+      alarm = self._record(*in_flight, progress, clock) if in_flight is not None else None
+      if alarm is not None:
+        position = self._rollback(alarm, position, token_stream) or position
       self.last_saved = self._save(position)
       self.checkpointer.close()
-      writer.close()
+      self._register()
+      self._writer.close()
+      self.lock.release()
       progress.update(self._progress_text(clock), force=True)
       progress.close()
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.source.skipped.items()))
@@ -235,18 +288,26 @@ class Session:
       log.info("the stream was empty: nothing learned")
     log.info(f"{'interrupted' if interrupts.requested else 'done'}: {self.totals.bytes:,} "
              f"bytes, {self.totals.bits_per_byte:.4f} bits/byte prequential, version "
-             f"{self.last_saved} in {self.run_dir}"
+             f"{self.last_saved} in {self.run_dir}" + self._safety_text()
              + (f" (files skipped: {skipped})" if skipped else ""))
     return 1 if self.failed else 0
 
-  def _record(self, metrics, chunk: HostChunk, writer, progress, clock) -> None:
+  def _record(self, metrics, chunk: HostChunk, progress, clock) -> Alarm | None:
+    """Books one chunk's metrics; returns the alarm they raise, if any."""
     m = jax.device_get(metrics)
+    skipped = bool(m["skipped"])
     self.totals.bytes += chunk.n_bytes
     self.totals.tokens += chunk.n_tokens
-    self.totals.bits += float(m["bits"])
     self.totals.chunks += 1
+    if skipped:
+      self.totals.skipped += 1
+      self.totals.skipped_bytes += chunk.n_bytes
+    else:
+      self.totals.bits += float(m["bits"])
     step = self.totals.chunks
+    alarm = self.guard.observe(step, float(m["bits"]), chunk, skipped)
     if step % self.config.log.tensorboard_every == 0:
+      writer = self._writer
       rate = self._rate(clock)
       writer.add_scalar("prequential/bits_per_byte", float(m["bits_per_byte"]), step)
       writer.add_scalar("prequential/bits_per_byte_running", self.totals.bits_per_byte, step)
@@ -255,7 +316,92 @@ class Session:
       writer.add_scalar("speed/tokens_per_s", rate * self.totals.tokens / max(self.totals.bytes, 1), step)
       writer.add_scalar("train/grad_norm", float(m["grad_norm"]), step)
       writer.add_scalar("train/learning_rate", float(m["learning_rate"]), step)
+      writer.add_scalar("safety/skipped", float(skipped), step)
+      if (score := self.guard.score()) is not None:
+        writer.add_scalar("safety/score", score, step)
     progress.update(self._progress_text(clock))
+    return alarm
+
+  # --- the safety net ---------------------------------------------------------------------
+
+  def _rollback(self, alarm: Alarm, position: dict, token_stream: TokenStream) -> dict | None:
+    """Restores the last good version and lowers the learning rate, unless a spike is the data's.
+
+    Returns the stream position to save the restored state at (`position`, the current one,
+    or the restored version's with `replay`); None when nothing was restored.
+    """
+    cfg = self.config.safety
+    self.checkpointer.wait()
+    self._register()  # every complete version in the registry before any is marked
+    steps = self.checkpointer.all_steps()
+    candidates = rollback_candidates(steps, alarm.before, self.discarded)
+    try:
+      got = self.checkpointer.restore_newest(abstract_like(self.state), candidates)
+    except VersionError as err:  # not even the base restores: nothing safe to go on with
+      log.error(f"error: rollback at chunk {alarm.chunk:,} ({alarm.detail}) impossible: {err}")
+      self.failed = self.stopped = True
+      return None
+    if alarm.reason == "spike" and not self._confirmed(alarm, got.step, got.state):
+      return None
+    lr_scale = lowered_lr_scale(float(self.state.lr_scale), cfg)
+    discarded = [s for s in steps if s > got.step]
+    event = {"kind": "rollback", "time": time.time(), "reason": alarm.reason,
+             "detail": alarm.detail, "chunk": alarm.chunk, "to": got.step,
+             "discarded": discarded, "unreadable": [s for s, _ in got.unreadable],
+             "lr_scale": lr_scale, "replay": cfg.replay}
+    log.warning(f"rollback at chunk {alarm.chunk:,}: {alarm.detail}; restored version "
+                f"{got.step}, learning rate x{lr_scale:g}")
+    self._writer.add_scalar("safety/rollback_to", got.step, alarm.chunk)
+    self._writer.add_text("safety/events", json.dumps(event), alarm.chunk)
+    self.state = got.state.replace(lr_scale=jnp.asarray(lr_scale, jnp.float32))
+    self.guard.reset()
+    self.events.append(event)
+    self.parent = got.step
+    self.registry.add_event(event)
+    if cfg.replay:  # the stream goes back too; the versions after the target move aside
+      where = move_aside(self.run_dir, discarded, f"rolled-back-from-{alarm.chunk}")
+      self.checkpointer.reload()
+      self.registry.mark_aside(discarded, where)
+      self.totals = Totals(**got.record["totals"])
+      remaining = (None if token_stream.max_bytes is None
+                   else token_stream.max_bytes - token_stream.bytes_read)
+      self._chunks = iter(self._stream(got.record["position"], remaining))
+      position = got.record["position"]
+    else:
+      self.discarded.update(discarded)
+      self.registry.mark_rolled_back(discarded)
+    self.registry.write()
+    return position
+
+  def _confirmed(self, alarm: Alarm, step: int, candidate) -> bool:
+    """Whether version `step`'s parameters predict the alarm's chunks clearly better than now."""
+    if self._score_fn is None:
+      self._score_fn = make_score(self.predictor)
+    # Both frozen, both from an empty carry: neither gains from context the other lacks.
+    carry = self.predictor.init_carry(1, self.tokenizer.bos_id)
+    now = score_through(self._score_fn, self.state.params, carry, alarm.window).bits_per_byte
+    then = score_through(self._score_fn, candidate.params, carry, alarm.window).bits_per_byte
+    if then * (1.0 + self.config.safety.spike_fraction / 2) < now:
+      return True
+    event = {"kind": "spike_ignored", "time": time.time(), "detail": alarm.detail,
+             "chunk": alarm.chunk, "checked": step, "checked_bpb": then, "current_bpb": now}
+    log.info(f"spike at chunk {alarm.chunk:,} ({alarm.detail}), but version {step} does no "
+             f"better on those chunks ({then:.3f} bits/byte against {now:.3f} now): the data "
+             f"changed, not the model; nothing rolled back")
+    self._writer.add_text("safety/events", json.dumps(event), alarm.chunk)
+    self.guard.reset()  # the new level is the norm now
+    self.registry.add_event(event)  # not in self.events: versions carry only rollbacks
+    self.registry.write()
+    return False
+
+  def _safety_text(self) -> str:
+    rollbacks = sum(e["kind"] == "rollback" for e in self.events)
+    parts = []
+    if self.totals.skipped:
+      parts.append(f"{self.totals.skipped} updates skipped (NaN/Inf)")
+    if rollbacks:
+      parts.append(f"{rollbacks} rollback{'s' * (rollbacks > 1)}")
+    return f" ({', '.join(parts)})" if parts else ""
 
   def _rate(self, clock) -> float:
     """Bytes per second since this invocation started."""
@@ -265,43 +411,36 @@ class Session:
   def _progress_text(self, clock) -> str:
     rate = self._rate(clock)
     saved = f"version {self.last_saved}" if self.last_saved is not None else "no version yet"
-    return (f"{_human_bytes(self.totals.bytes)} seen | {_human_bytes(rate)}/s | "
-            f"{self.totals.bits_per_byte:.3f} bits/byte | {saved}")
+    return (f"{human_bytes(self.totals.bytes)} seen | {human_bytes(rate)}/s | "
+            f"{self.totals.bits_per_byte:.3f} bits/byte | {saved}" + self._safety_text())
 
 
-class _Interrupts:
-  """Ctrl-C and SIGTERM ask the loop to stop after the current step.
+def _lock(run_dir: Path) -> RunLock:
+  try:
+    return RunLock(run_dir)
+  except VersionError as err:
+    raise RunError(str(err)) from None
 
-  While the loop waits for data (a quiet stdin, say) they raise instead, so a
-  stop never waits on input; never inside a step, whose state is being donated.
-  """
 
-  def __init__(self):
-    self.requested = False
-    self._raising = False
+def _write_atomic(path: Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
 
-  def _handle(self, signum, frame):
-    self.requested = True
-    if self._raising:
-      raise KeyboardInterrupt
 
-  @contextlib.contextmanager
-  def installed(self):
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-      signal.signal(sig, self._handle)
+def _run_tokenizer(run_dir: Path, checkpointer: Checkpointer, steps: list[int]) -> Tokenizer:
+  """The run's tokenizer: tokenizer.json, or the newest version's copy if that file is lost."""
+  try:
+    return load_tokenizer(run_dir)
+  except (OSError, ValueError) as err:
+    problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+  for step in reversed(steps):
     try:
-      yield self
-    finally:
-      for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-  @contextlib.contextmanager
-  def raising(self):
-    self._raising = True
-    try:
-      if self.requested:
-        raise KeyboardInterrupt
-      yield
-    finally:
-      self._raising = False
+      tokenizer = tokenizer_from_json(checkpointer.read_record(step)[1], f"version {step}")
+    except (VersionError, ValueError, KeyError):
+      continue
+    log.warning(f"warning: {run_dir / 'tokenizer.json'} is unreadable ({problem}); "
+                f"restored it from version {step}")
+    tokenizer.save(run_dir)
+    return tokenizer
+  raise RunError(f"{run_dir / 'tokenizer.json'}: unreadable ({problem}) and no version has a copy")

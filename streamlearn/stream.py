@@ -11,6 +11,7 @@ from it but not yet emitted.
 from __future__ import annotations
 
 import base64
+import itertools
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -27,11 +28,12 @@ class HostChunk(NamedTuple):
   position: dict         # the stream position right after this chunk
 
 
-def _encode_pending(tokens: np.ndarray) -> str:
+def encode_tokens(tokens: np.ndarray) -> str:
+  """Token ids as compact JSON-safe text (base64 of little-endian int32)."""
   return base64.b64encode(tokens.astype("<i4").tobytes()).decode("ascii")
 
 
-def _decode_pending(text: str) -> np.ndarray:
+def decode_tokens(text: str) -> np.ndarray:
   return np.frombuffer(base64.b64decode(text), "<i4").astype(np.int32)
 
 
@@ -49,12 +51,17 @@ class TokenStream:
     self._source_start = start.get("source")
     # Bytes of the block at _source_start already consumed (a max_bytes cut).
     self._skip = int(start.get("skip", 0))
-    self._pending = _decode_pending(start.get("pending", ""))
+    self._pending = decode_tokens(start.get("pending", ""))
     # Whether a document has begun: the doc separator goes *between* documents.
     self._started = bool(start.get("started", False))
 
+  @property
+  def start_position(self) -> dict:
+    """Where this stream starts: the position of a version saved before its first chunk."""
+    return self._position(self._source_start, self._skip, self._pending)
+
   def _position(self, source_position, skip: int, pending: np.ndarray) -> dict:
-    return {"source": source_position, "skip": skip, "pending": _encode_pending(pending),
+    return {"source": source_position, "skip": skip, "pending": encode_tokens(pending),
             "started": self._started}
 
   def _token_blocks(self) -> Iterator[tuple[np.ndarray, dict, int]]:
@@ -86,8 +93,9 @@ class TokenStream:
     T = self.chunk_tokens
     token_bytes = self.tokenizer.token_bytes
     pending = self._pending
-    source_position, skip = self._source_start, self._skip
-    for tokens, source_position, skip in self._token_blocks():
+    # An empty block first: a resumed stream may hold more than a chunk already cut.
+    start = (np.zeros(0, np.int32), self._source_start, self._skip)
+    for tokens, source_position, skip in itertools.chain([start], self._token_blocks()):
       pending = np.concatenate([pending, tokens]) if len(pending) else tokens
       while len(pending) >= T:
         chunk, pending = pending[:T], pending[T:]

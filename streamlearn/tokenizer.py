@@ -43,7 +43,8 @@ import numpy as np
 import tokenizers
 
 __all__ = ["Tokenizer", "ByteTokenizer", "BpeTokenizer", "KINDS", "TOKENIZER_FILE",
-           "NUM_SPECIALS", "SPLIT_PATTERN", "make_tokenizer", "load_tokenizer"]
+           "NUM_SPECIALS", "SPLIT_PATTERN", "make_tokenizer", "load_tokenizer",
+           "tokenizer_from_json"]
 
 KINDS = ("bytes", "bpe")
 TOKENIZER_FILE = "tokenizer.json"
@@ -259,7 +260,11 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
   path = pathlib.Path(directory)
   if path.is_dir():
     path = path / TOKENIZER_FILE
-  config = json.loads(path.read_text(encoding="ascii"))
+  return tokenizer_from_json(json.loads(path.read_text(encoding="ascii")), path)
+
+
+def tokenizer_from_json(config: dict, path: str | os.PathLike = "tokenizer") -> Tokenizer:
+  """A tokenizer from the parsed contents of a tokenizer.json (`path` names it in errors)."""
   if config.get("format") != _FORMAT or config.get("version") != _VERSION:
     raise ValueError(f"{path}: not a streamlearn tokenizer (format "
                      f"{config.get('format')!r} version {config.get('version')!r})")

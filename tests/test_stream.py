@@ -37,6 +37,8 @@ def test_chunks_cover_the_stream_with_separators_between_documents(tree):
 @pytest.mark.parametrize("make_source", [
     lambda tree: DirectorySource(tree, max_file_bytes=10_000, block_bytes=16),
     lambda tree: FileSource(tree / "a.txt", block_bytes=7),
+    # One block holds many chunks: a resume after the source's end still has whole chunks cut.
+    lambda tree: FileSource(tree / "a.txt", block_bytes=4096),
 ])
 def test_resume_from_any_chunk_continues_exactly(tree, make_source):
   tok = ByteTokenizer()

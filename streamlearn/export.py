@@ -1,0 +1,168 @@
+"""Inference artifacts: one version's parameters in int8, with its config and tokenizer.
+
+    python -m streamlearn.export model.slm --prompt "The " [--tokens 200] [--temperature 0.8]
+
+One msgpack map (no pickle, no msgpack extension types):
+  format, version   "streamlearn.artifact", 1
+  config            the run's config (as in config.json)
+  tokenizer         the run's tokenizer.json
+  source            {run_dir, step, bytes}: where the parameters came from
+  params            {"embed/embedding": leaf, ...}, each leaf
+                    {dtype, shape, data (raw little-endian bytes), and for int8:
+                     scale (float32 bytes, one per channel), axis (the channel axis)}
+
+Matrices (the embeddings included) are int8, symmetric, one scale per output
+channel: a Dense kernel's columns (last axis), an embedding's rows (axis 0:
+each token's vector, and its logit through the tied head). Vectors (norm
+scales, biases, LRU decay logits) and matrices under 1,024 entries (the match
+model's trust table) stay float32: they are few and sensitive.
+The loader dequantizes to float32 and hands back a `streamlearn.Learner`, which
+generates text (and can even keep learning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import msgpack
+import numpy as np
+from flax import traverse_util
+
+FORMAT, VERSION = "streamlearn.artifact", 1
+_SEP = "/"
+_MIN_INT8 = 1024  # smaller matrices (the match model's trust table) stay float32
+
+
+class ArtifactError(ValueError):
+  """An artifact that cannot be written or read; the message is one line."""
+
+
+def channel_axis(path: str, ndim: int) -> int:
+  """The axis that holds one scale per entry: rows of the embedding, else the last."""
+  return 0 if path.rsplit(_SEP, 1)[-1] == "embedding" else ndim - 1
+
+
+def quantize(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+  """(int8 values, float32 scales along `axis`): x ≈ values * scale, |values| <= 127."""
+  x = np.asarray(x, np.float32)
+  others = tuple(a for a in range(x.ndim) if a != axis)
+  amax = np.max(np.abs(x), axis=others, keepdims=True)
+  scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+  q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+  return q, scale.reshape(-1)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+  shape = [1] * q.ndim
+  shape[axis] = -1
+  return q.astype(np.float32) * scale.reshape(shape)
+
+
+def _leaf(path: str, x: np.ndarray) -> dict:
+  x = np.asarray(x)
+  if x.ndim >= 2 and x.size >= _MIN_INT8:
+    axis = channel_axis(path, x.ndim)
+    q, scale = quantize(x, axis)
+    return {"dtype": "int8", "shape": list(x.shape), "data": q.tobytes(),
+            "scale": scale.astype("<f4").tobytes(), "axis": axis}
+  return {"dtype": "float32", "shape": list(x.shape), "data": x.astype("<f4").tobytes()}
+
+
+def _array(path: str, leaf: dict) -> np.ndarray:
+  try:
+    shape = tuple(int(n) for n in leaf["shape"])
+    if leaf["dtype"] == "int8":
+      q = np.frombuffer(leaf["data"], np.int8).reshape(shape)
+      return dequantize(q, np.frombuffer(leaf["scale"], "<f4"), int(leaf["axis"]))
+    if leaf["dtype"] == "float32":
+      return np.frombuffer(leaf["data"], "<f4").reshape(shape).astype(np.float32)
+  except (KeyError, TypeError, ValueError) as err:
+    raise ArtifactError(f"params {path}: malformed ({type(err).__name__}: {err})") from None
+  raise ArtifactError(f"params {path}: unknown dtype {leaf.get('dtype')!r}")
+
+
+def pack(params, config: dict, tokenizer: dict, source: dict) -> bytes:
+  """The artifact's bytes for float parameters `params` (a nested dict of arrays)."""
+  flat = traverse_util.flatten_dict(params, sep=_SEP)
+  return msgpack.packb({"format": FORMAT, "version": VERSION, "config": config,
+                        "tokenizer": tokenizer, "source": source,
+                        "params": {k: _leaf(k, np.asarray(v)) for k, v in sorted(flat.items())}},
+                       use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict:
+  """{config, tokenizer, source, params (float32, nested)} from an artifact's bytes."""
+  try:
+    # Plain msgpack: no ext_hook, no object_hook, so nothing in the file can run code.
+    blob = msgpack.unpackb(data, raw=False, strict_map_key=True)
+  except (ValueError, msgpack.UnpackException) as err:
+    raise ArtifactError(f"not a msgpack file ({type(err).__name__})") from None
+  found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+  if found != FORMAT:
+    raise ArtifactError(f"not a streamlearn artifact (format {found!r})")
+  if blob.get("version") != VERSION:
+    raise ArtifactError(f"artifact version {blob.get('version')!r}; this one reads {VERSION}")
+  params = {k: _array(k, leaf) for k, leaf in blob["params"].items()}
+  return {"config": blob["config"], "tokenizer": blob["tokenizer"], "source": blob["source"],
+          "params": traverse_util.unflatten_dict(params, sep=_SEP)}
+
+
+def read_artifact(path: str | Path) -> dict:
+  try:
+    data = Path(path).read_bytes()
+  except OSError as err:
+    raise ArtifactError(f"{path}: {err.strerror or err}") from None
+  try:
+    return unpack(data)
+  except ArtifactError as err:
+    raise ArtifactError(f"{path}: {err}") from None
+
+
+def load_artifact(path: str | Path):
+  """A `streamlearn.Learner` with the artifact's (dequantized) parameters."""
+  import jax
+  import jax.numpy as jnp
+
+  from streamlearn.api import Learner
+  from streamlearn.config import ConfigError, config_from_dict
+  from streamlearn.tokenizer import tokenizer_from_json
+
+  blob = read_artifact(path)
+  try:
+    config = config_from_dict(blob["config"])
+    tokenizer = tokenizer_from_json(blob["tokenizer"], f"{path} tokenizer")
+  except (ConfigError, ValueError, KeyError) as err:
+    raise ArtifactError(f"{path}: {err}") from None
+  learner = Learner(config, tokenizer)
+  params = jax.tree.map(jnp.asarray, blob["params"])
+  shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
+  if (jax.tree.structure(params) != jax.tree.structure(learner.state.params)
+      or shapes(params) != shapes(learner.state.params)):
+    raise ArtifactError(f"{path}: its parameters do not fit its config's model")
+  learner.state = learner.state.replace(params=params)
+  return learner
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m streamlearn.export",
+                                   description="Generate text from an exported artifact.")
+  parser.add_argument("artifact")
+  parser.add_argument("--prompt", default="")
+  parser.add_argument("--tokens", type=int, default=200)
+  parser.add_argument("--temperature", type=float, default=0.8)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  try:
+    learner = load_artifact(args.artifact)
+  except ArtifactError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(args.prompt + learner.generate(args.prompt, max_tokens=args.tokens,
+                                       temperature=args.temperature, seed=args.seed))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

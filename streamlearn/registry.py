@@ -1,0 +1,146 @@
+"""registry.json: a run's family tree — bases, every version, every rollback and restore.
+
+    {"format": "streamlearn.registry", "version": 1,
+     "original_base": 0, "current_base": 0,
+     "versions": [{step, time, bytes, tokens, chunks, learner_step, scores, parent,
+                   lr_scale, status, path}],
+     "events": [{kind, time, ...}]}
+
+A version's status: "kept" (in versions/; `rolled_back` when a rollback went
+back past it), "rotated" (deleted by the keep policy), or "aside" (moved to
+aside/ by a restore or as unreadable; `path` says where). A step number may
+recur in a later line after a restore, so the entries are a list.
+`current_base` is the version later learning is measured against (a
+KL-to-base, say): the original base, version 0, until something promotes
+another (nothing does yet).
+
+The checkpoints are the truth: every field of a version entry is also in the
+version's own record, so the registry is brought in line with versions/ each
+time it is opened and rebuilt from them, with a one-line warning, if it is
+missing or unreadable. It is written whole to a temporary file and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from streamlearn.checkpoint import BASE_STEP, VersionError
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FILE = "registry.json"
+_FORMAT, _VERSION = "streamlearn.registry", 1
+
+
+def entry_from_record(step: int, record: dict) -> dict:
+  """A registry entry from a version's record (what the checkpoint itself knows)."""
+  totals = record.get("totals", {})
+  return {"step": step, "time": record.get("time"), "bytes": totals.get("bytes"),
+          "tokens": totals.get("tokens"), "chunks": totals.get("chunks"),
+          "learner_step": record.get("learner_step"), "scores": record.get("scores", {}),
+          "parent": record.get("parent"), "lr_scale": record.get("lr_scale"), "status": "kept"}
+
+
+class Registry:
+  """The run's registry.json, in memory; `write` puts it on disk."""
+
+  def __init__(self, run_dir: Path, data: dict):
+    self.path = Path(run_dir) / REGISTRY_FILE
+    self.data = data
+
+  @classmethod
+  def open(cls, run_dir: Path, steps: list[int],
+           read_record: Callable[[int], dict]) -> "Registry":
+    """Loads registry.json and brings it in line with the complete versions `steps`."""
+    path = Path(run_dir) / REGISTRY_FILE
+    data, problem = None, None
+    if not path.exists():
+      problem = "missing"
+    else:
+      try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != _FORMAT or not isinstance(data.get("versions"), list):
+          data, problem = None, "not a streamlearn registry"
+      except (OSError, ValueError, AttributeError) as err:
+        problem = f"unreadable: {type(err).__name__}"
+    if data is None:
+      data = {"format": _FORMAT, "version": _VERSION, "original_base": BASE_STEP,
+              "current_base": BASE_STEP, "versions": [], "events": []}
+      if steps:
+        log.warning(f"warning: {path} is {problem}; rebuilding it from {len(steps)} versions")
+    registry = cls(run_dir, data)
+    registry.sync(steps, read_record, rebuilt=problem is not None)
+    return registry
+
+  def sync(self, steps: list[int], read_record: Callable[[int], dict],
+           rebuilt: bool = False) -> None:
+    """Adds versions it lacks (from their records) and marks the ones gone from disk."""
+    on_disk = set(steps)
+    for entry in self.data["versions"]:
+      if entry.get("status") == "kept" and entry["step"] not in on_disk:
+        entry["status"] = "rotated"
+    known = {e["step"] for e in self.kept()}
+    for step in sorted(on_disk - known):
+      try:
+        record = read_record(step)
+      except VersionError as err:
+        log.warning(f"warning: registry: {err}")
+        continue
+      self.add_version(step, record)
+      if rebuilt:  # each version's record carries every event before it
+        self.data["events"] = _merge_events(self.data["events"], record.get("events", []))
+        self.mark_rolled_back(record.get("discarded", []))
+
+  # --- updates -----------------------------------------------------------------------------
+
+  def add_version(self, step: int, record: dict) -> None:
+    for entry in self.data["versions"]:  # a re-save of the same step replaces it
+      if entry["step"] == step and entry.get("status") == "kept":
+        entry["status"] = "replaced"
+    self.data["versions"].append(entry_from_record(step, record))
+    self.data["versions"].sort(key=lambda e: e["step"])
+
+  def add_event(self, event: dict) -> None:
+    self.data["events"].append(event)
+
+  def mark_aside(self, steps: list[int], where: Path | None) -> None:
+    # Also "rotated": a registry synced after the move no longer sees them in versions/.
+    for entry in self.data["versions"]:
+      if entry["step"] in steps and entry.get("status") in ("kept", "rotated"):
+        entry.update(status="aside", path=str(where / str(entry["step"])) if where else None)
+
+  def mark_rolled_back(self, steps: list[int]) -> None:
+    """Versions a rollback went back past: kept on disk, never again a rollback target or best."""
+    for entry in self.kept():
+      if entry["step"] in steps:
+        entry["rolled_back"] = True
+
+  def write(self) -> None:
+    """Atomically: a crash leaves either the old file or the new one."""
+    tmp = self.path.with_name(self.path.name + ".tmp")
+    tmp.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, self.path)
+
+  # --- reading ---------------------------------------------------------------------------
+
+  def kept(self) -> list[dict]:
+    """Entries of the versions in versions/, oldest first."""
+    return [e for e in self.data["versions"] if e.get("status") == "kept"]
+
+  def best_step(self) -> int | None:
+    """The kept version with the lowest score (bits/byte), if any has one."""
+    scored = [e for e in self.kept() if _score(e) is not None and not e.get("rolled_back")]
+    return min(scored, key=_score)["step"] if scored else None
+
+
+def _score(entry: dict) -> float | None:
+  return (entry.get("scores") or {}).get("score")
+
+
+def _merge_events(mine: list[dict], theirs: list[dict]) -> list[dict]:
+  seen = {json.dumps(e, sort_keys=True) for e in mine}
+  return mine + [e for e in theirs if json.dumps(e, sort_keys=True) not in seen]

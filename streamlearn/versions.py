@@ -1,0 +1,120 @@
+"""A run's versions: list them, and open a run directory for the tools that act on them.
+
+    python -m streamlearn.versions --run-dir DIR [--all]
+
+Prints one row per version in versions/ (with --all, also the ones rotated
+away or moved aside): step (chunks of the stream seen), time, bytes seen,
+scores (bits/byte over the last chunks, and since the start), parent version,
+learning-rate scale, and which is the base, the latest and the best. Then the
+rollbacks and restores. Reading only: a live run is never disturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from streamlearn.checkpoint import Checkpointer, VersionError
+from streamlearn.config import Config, ConfigError, config_from_dict
+from streamlearn.console import log_to_stderr
+from streamlearn.registry import Registry
+from streamlearn.session import CONFIG_FILE
+
+
+class RunDir(NamedTuple):
+  path: Path
+  config: Config
+  checkpointer: Checkpointer
+  registry: Registry
+
+
+def open_run(run_dir: str | Path, *, writable: bool = False) -> RunDir:
+  """A run directory's config, versions and registry (brought in line with versions/)."""
+  path = Path(run_dir)
+  config_path = path / CONFIG_FILE
+  if not config_path.is_file():
+    raise VersionError(f"{path}: not a run directory (no {CONFIG_FILE})")
+  try:
+    config = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+  except (ValueError, ConfigError) as err:
+    raise VersionError(f"{config_path}: unreadable ({err})") from None
+  checkpointer = Checkpointer(path, config.checkpoint, writable=writable)
+  registry = Registry.open(path, checkpointer.all_steps(),
+                           lambda step: checkpointer.read_record(step)[0])
+  return RunDir(path, config, checkpointer, registry)
+
+
+def _when(t: float | None) -> str:
+  return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _num(x: float | None, fmt: str) -> str:
+  return "-" if x is None else format(x, fmt)
+
+
+def table(registry: Registry, *, everything: bool = False) -> list[str]:
+  """The listing, one line per version."""
+  entries = registry.data["versions"] if everything else registry.kept()
+  kept = registry.kept()
+  latest = kept[-1]["step"] if kept else None
+  best = registry.best_step()
+  rows = [("step", "time", "bytes seen", "score", "running", "parent", "lr x", "")]
+  for e in entries:
+    scores = e.get("scores") or {}
+    marks = []
+    if e.get("status") == "kept":
+      marks += ["base"] * (e["step"] == registry.data["original_base"])
+      marks += ["latest"] * (e["step"] == latest) + ["best"] * (e["step"] == best)
+      marks += ["rolled back"] * bool(e.get("rolled_back"))
+    else:
+      marks.append(e.get("status", "?") + (f" ({e['path']})" if e.get("path") else ""))
+    rows.append((str(e["step"]), _when(e.get("time")), _num(e.get("bytes"), ","),
+                 _num(scores.get("score"), ".4f"), _num(scores.get("running_bpb"), ".4f"),
+                 _num(e.get("parent"), "d"), _num(e.get("lr_scale"), "g"), ", ".join(marks)))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+  return ["  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in
+                    enumerate(zip(r, widths))) + ("  " + r[-1] if r[-1] else "") for r in rows]
+
+
+def describe_event(e: dict) -> str:
+  when = _when(e.get("time"))
+  if e.get("kind") == "rollback":
+    return (f"{when}  rollback at chunk {e['chunk']:,} ({e['detail']}) -> version {e['to']}, "
+            f"learning rate x{e['lr_scale']:g}")
+  if e.get("kind") == "spike_ignored":
+    return (f"{when}  spike at chunk {e['chunk']:,} ({e['detail']}) not rolled back: version "
+            f"{e['checked']} does no better on those chunks ({e['checked_bpb']:.3f} bits/byte "
+            f"against {e['current_bpb']:.3f})")
+  aside = f"; moved aside: {', '.join(map(str, e['aside']))}" if e.get("aside") else ""
+  return f"{when}  {e.get('kind', '?').replace('_', ' ')} -> version {e.get('to')}{aside}"
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m streamlearn.versions",
+                                   description="List a run's versions.")
+  parser.add_argument("--run-dir", required=True, metavar="DIR")
+  parser.add_argument("--all", action="store_true",
+                      help="also versions rotated away or moved aside")
+  args = parser.parse_args(argv)
+  log_to_stderr()
+  try:
+    run = open_run(args.run_dir)
+  except VersionError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  run.checkpointer.close()
+  print("\n".join(table(run.registry, everything=args.all)))
+  base = run.registry.data["current_base"]
+  print(f"\noriginal base: version {run.registry.data['original_base']}; current base: "
+        f"version {base}")
+  for event in run.registry.data["events"]:
+    print(describe_event(event))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

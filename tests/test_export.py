@@ -1,0 +1,113 @@
+"""Export: int8 per-channel quantization, the msgpack artifact, its loader."""
+
+import pickle
+
+import jax
+import msgpack
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from streamlearn import Learner
+from streamlearn.export import (ArtifactError, channel_axis, dequantize, load_artifact,
+                                main as export_main, quantize, read_artifact)
+from streamlearn.run import main as run_main
+
+from safety_runs import SAFE, load_script, stdlib_text
+
+
+def test_int8_is_per_channel_and_within_half_a_step(rng):
+  x = rng.normal(size=(48, 16)).astype(np.float32) * rng.uniform(0.01, 10, size=16)
+  x[:, 3] = 0.0                                          # an all-zero channel stays exact
+  q, scale = quantize(x, axis=1)
+  assert q.dtype == np.int8 and scale.shape == (16,) and np.abs(q).max() <= 127
+  amax = np.abs(x).max(axis=0)
+  np.testing.assert_allclose(scale, np.where(amax > 0, amax / 127, 1.0))
+  err = np.abs(dequantize(q, scale, 1) - x)
+  assert np.all(err <= scale[None] / 2 + 1e-7) and np.all(dequantize(q, scale, 1)[:, 3] == 0)
+
+
+def test_the_embedding_is_scaled_per_token_everything_else_per_output():
+  assert channel_axis("embed/embedding", 2) == 0
+  assert channel_axis("mlp_0/down/kernel", 2) == 1
+  assert channel_axis("recurrent_0/conv/kernel", 2) == 1
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("export")
+  text = stdlib_text(9000)
+  data = tmp / "text.txt"
+  data.write_bytes(text[:6000])
+  held_out = tmp / "held_out.txt"
+  held_out.write_bytes(text[6000:9000])
+  run_dir = tmp / "run"
+  assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir)]) == 0
+  out = tmp / "model.slm"
+  report = load_script("export").export(str(run_dir), None, str(out), str(held_out), None)
+  return run_dir, out, report
+
+
+def test_export_round_trip_is_small_and_close(exported):
+  run_dir, out, report = exported
+  assert report["artifact_bytes"] == out.stat().st_size
+  assert report["checkpoint_bytes"] > 3 * report["artifact_bytes"]   # no optimizer, int8
+  assert report["int8_bpb"] <= report["float_bpb"] * 1.01
+  blob = read_artifact(out)
+  assert blob["source"]["step"] == report["step"] and blob["config"]["name"] == "tiny"
+  floats = traverse_util.flatten_dict(jax.device_get(Learner.load(run_dir).state.params), sep="/")
+  int8s = traverse_util.flatten_dict(blob["params"], sep="/")
+  assert floats.keys() == int8s.keys()
+  for path, a in floats.items():
+    b = int8s[path]
+    if a.ndim == 1 or a.size < 1024:
+      np.testing.assert_array_equal(a, b)                # vectors, small tables: float32, exact
+    else:                                                # half a step of the channel's scale
+      axis = channel_axis(path, a.ndim)
+      amax = np.abs(a).max(axis=tuple(i for i in range(a.ndim) if i != axis), keepdims=True)
+      assert np.all(np.abs(a - b) <= amax / 254 * (1 + 1e-5) + 1e-9), path
+
+
+def test_loader_generates_without_pickle(exported, monkeypatch, capsys):
+  _, out, _ = exported
+
+  def no_pickle(*args, **kwargs):
+    raise AssertionError("pickle used while loading")
+
+  for name in ("load", "loads", "Unpickler"):
+    monkeypatch.setattr(pickle, name, no_pickle)
+  learner = load_artifact(out)
+  sample = learner.generate("def ", max_tokens=30, temperature=0.8, seed=0)
+  assert isinstance(sample, str) and sample == learner.generate("def ", max_tokens=30,
+                                                                temperature=0.8, seed=0)
+  assert export_main([str(out), "--prompt", "def ", "--tokens", "20"]) == 0
+  assert capsys.readouterr().out.startswith("def ")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not msgpack at all", "not a msgpack file"),
+    (msgpack.packb({"format": "other"}), "not a streamlearn artifact"),
+    (msgpack.packb({"format": "streamlearn.artifact", "version": 99}), "artifact version 99"),
+])
+def test_bad_artifacts_get_one_line(tmp_path, capsys, content, message):
+  path = tmp_path / "bad.slm"
+  path.write_bytes(content)
+  with pytest.raises(ArtifactError, match=message):
+    load_artifact(path)
+  assert export_main([str(path)]) == 2
+  err = capsys.readouterr().err
+  assert message in err and len(err.splitlines()) == 1
+
+
+def test_export_script_errors_are_one_line(exported, tmp_path, capsys):
+  run_dir, _, _ = exported
+  script = load_script("export").main
+  for args, message in ((["--step", "999"], "no complete version 999"),
+                        (["--member", "3"], "one learner"),
+                        (["--step", "soon"], "expected a version number or best")):
+    assert script(["--run-dir", str(run_dir), "--out", str(tmp_path / "x.slm")] + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+  out = str(tmp_path / "b.slm")
+  assert script(["--run-dir", str(run_dir), "--out", out, "--step", "best"]) == 0
+  assert "version" in capsys.readouterr().out
