@@ -157,15 +157,18 @@ def score_metrics(nll_sum, chunk: Chunk) -> dict[str, jax.Array]:
 
 
 def _skip_if_non_finite(old: LearnerState, new: LearnerState, loss, grad_norm):
-  """The safety net's guard: a NaN/Inf loss or gradient leaves the whole state as it was.
+  """The safety net's guard: a NaN/Inf loss or gradient leaves the state as it was.
 
-  Returns (state, 1.0 if skipped else 0.0). The chunk is then as if never
-  seen (the carry included), so nothing non-finite can reach the parameters,
-  the optimizer or what the stream carries.
+  Returns (state, 1.0 if skipped else 0.0). The network never saw the chunk
+  (parameters, optimizer, recurrent state, last token and step are the old
+  ones), so nothing non-finite can reach them. The match model's history does
+  keep the chunk: it holds only tokens, which are never non-finite, and
+  selecting between two copies of its megabytes would cost every step a copy.
   """
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  return state, 1.0 - ok.astype(jnp.float32)
+  without_match = lambda s: s.replace(carry=s.carry.replace(match=None))
+  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), without_match(new), without_match(old))
+  return kept.replace(carry=kept.carry.replace(match=new.carry.match)), 1.0 - ok.astype(jnp.float32)
 
 
 def make_step(predictor: Predictor, optimizer: optax.GradientTransformation, optim_cfg: OptimConfig):
