@@ -51,6 +51,10 @@ class LearnerState:
   step: jax.Array          # int32: chunks learned from so far
   rng: jax.Array           # uint32[2]: the run's key; each step folds in `step`
   lr_scale: jax.Array      # float32: multiplies every update; rollbacks lower it (safety.py)
+  # Hyperparameters that are arrays, not constants, so changing one (a swarm's
+  # exploration, a schedule) never recompiles the step: name -> float32 scalar.
+  # "lr" multiplies every update (on top of lr_scale).
+  hp: dict[str, jax.Array]
 
 
 class Chunk(NamedTuple):
@@ -126,6 +130,11 @@ def make_predictor(config: Config, vocab_size: int) -> Predictor:
   return Predictor(lm, match_cfg)
 
 
+def initial_hparams() -> dict[str, jax.Array]:
+  """The array hyperparameters of a new learner (see LearnerState.hp)."""
+  return {"lr": jnp.ones((), jnp.float32)}
+
+
 def init_learner(predictor: Predictor, optimizer: optax.GradientTransformation, *, seed: int,
                  bos_id: int, batch: int = 1) -> LearnerState:
   """The state before the first chunk."""
@@ -135,7 +144,7 @@ def init_learner(predictor: Predictor, optimizer: optax.GradientTransformation, 
   return LearnerState(
       params=params, opt_state=jax.jit(optimizer.init)(params),
       carry=predictor.init_carry(batch, bos_id), step=jnp.zeros((), jnp.int32), rng=key,
-      lr_scale=jnp.ones((), jnp.float32))
+      lr_scale=jnp.ones((), jnp.float32), hp=initial_hparams())
 
 
 def chunk_nll(predictor: Predictor, params, carry: Carry, chunk: Chunk):
@@ -189,11 +198,12 @@ def make_step(predictor: Predictor, optimizer: optax.GradientTransformation, opt
     (_, (nll_sum, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     # An array in the state, not a constant: lowering it never recompiles the step.
-    updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+    updates = jax.tree.map(lambda u: u * (state.lr_scale * state.hp["lr"]), updates)
     params = optax.apply_updates(state.params, updates)
     metrics = score_metrics(nll_sum, chunk)
     metrics.update(grad_norm=optax.tree.norm(grads),
-                   learning_rate=learning_rate(optim_cfg, state.step) * state.lr_scale)
+                   learning_rate=learning_rate(optim_cfg, state.step) * state.lr_scale
+                   * state.hp["lr"])
     new_state = state.replace(
         params=params, opt_state=opt_state, carry=jax.lax.stop_gradient(carry),
         step=state.step + 1)
