@@ -96,6 +96,43 @@ class SafetyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeltaConfig:
+  """Two-stream delta learning (streamlearn/delta.py); lag = 0 is the plain learner."""
+  lag: int = 0                # learn from the forecast made this many ticks ago (0: no forecast)
+  forecast_tokens: int = 32   # K: the forecast is an open-loop rollout of the next chunk's first K
+  temperature: float = 0.0    # the rollout's sampling temperature (0: greedy)
+  forecast_channel: bool = True  # the trunk also reads the forecast tokens (second input stream)
+  reality_drop: float = 0.15  # ...except on this fraction of tokens, so it never trusts them blindly
+  consistency: float = 0.0    # β1: ||f_EMA(real) - f_student(with forecast)||^2 (0: no EMA teacher)
+  ema_decay: float = 0.99     # the EMA teacher's decay per learner step
+  residual: float = 0.0       # β2: ||δ - W h||^2, the surprise predicted from the hidden state
+  kl: float = 0.0             # β3: KL(student || frozen base) on the real chunk (0: no base kept)
+  base: str = ""              # the frozen base: "" = the run's start, or "RUN_DIR" / "RUN_DIR@STEP"
+  gate: bool = False          # scale the update down when the forecast was uncertain
+  gate_temperature: float = 1.0  # nats of forecast entropy above its running mean that halve it
+  gate_min: float = 0.25      # the gate never scales an update below this
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+  """Prioritized surprise replay: a fixed-size device buffer of past chunk openings."""
+  capacity: int = 0           # entries kept (0: replay off); the least surprising is evicted
+  tokens: int = 64            # tokens replayed per entry (each chunk's first this many)
+  batch: int = 1              # entries replayed with every learner step
+  alpha: float = 0.6          # sampling probability ∝ surprise^alpha
+  beta: float = 0.4           # importance weights (N P)^-beta undo that bias this much
+  weight: float = 1.0         # the replay loss's weight beside the fresh chunk's
+
+
+@dataclasses.dataclass(frozen=True)
+class CanaryConfig:
+  """Fixed held-out text scored now and then without adaptation (forgetting shows here)."""
+  paths: tuple[str, ...] = ()  # files (or file@START:END byte slices) scored as canaries
+  every_chunks: int = 200     # score them every this many chunks
+  max_bytes: int = 16_384     # per canary: its first this many bytes
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   name: str = "default"       # run name: the run directory is checkpoints/<name>/
   seed: int = 0               # parameter init and every random draw of the run
@@ -107,6 +144,9 @@ class Config:
   checkpoint: CheckpointConfig = CheckpointConfig()
   log: LogConfig = LogConfig()
   safety: SafetyConfig = SafetyConfig()
+  delta: DeltaConfig = DeltaConfig()
+  replay: ReplayConfig = ReplayConfig()
+  canary: CanaryConfig = CanaryConfig()
 
 
 # Value checks beyond the type: key -> (predicate, what it must be).
@@ -138,6 +178,16 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "safety.signal_chunks": _POSITIVE, "safety.median_chunks": _POSITIVE,
     "safety.lr_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "safety.min_lr_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "delta.lag": (lambda v: 0 <= v <= 8, "in [0, 8]"),
+    "delta.forecast_tokens": _POSITIVE, "delta.temperature": _NON_NEGATIVE,
+    "delta.reality_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "delta.consistency": _NON_NEGATIVE, "delta.ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "delta.residual": _NON_NEGATIVE, "delta.kl": _NON_NEGATIVE,
+    "delta.gate_temperature": _POSITIVE, "delta.gate_min": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "replay.capacity": _NON_NEGATIVE, "replay.tokens": _POSITIVE, "replay.batch": _POSITIVE,
+    "replay.alpha": _NON_NEGATIVE, "replay.beta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "replay.weight": _NON_NEGATIVE,
+    "canary.every_chunks": _POSITIVE, "canary.max_bytes": _POSITIVE,
 }
 
 
@@ -234,6 +284,14 @@ def config_from_dict(table: dict, overrides: list[str] = ()) -> Config:
 def _check_across(config: Config) -> None:
   """Checks that involve more than one key."""
   match, T = config.match, config.data.chunk_tokens
+  for key, value in (("delta.forecast_tokens", config.delta.forecast_tokens),
+                     ("replay.tokens", config.replay.tokens)):
+    if value > T:
+      raise ConfigError(f"{key}: {value} is more than data.chunk_tokens = {T}")
+  delta = config.delta
+  if delta.lag == 0 and (delta.gate or delta.residual):
+    key = "delta.gate" if delta.gate else "delta.residual"
+    raise ConfigError(f"{key}: needs a forecast, and delta.lag = 0 makes none (set delta.lag >= 1)")
   need = 2 * T + max(max(match.orders), match.max_len)
   if match.enabled and (1 << match.history_log2) < need:
     raise ConfigError(f"match.history_log2: 2^{match.history_log2} tokens of history is too "

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from streamlearn.config import Config, MatchConfig, OptimConfig
+from streamlearn.delta import DeltaSpec, DeltaState, delta_spec, init_delta
 from streamlearn.match import MatchState, init_match, match_update
 from streamlearn.model import LM
 
@@ -53,8 +54,10 @@ class LearnerState:
   lr_scale: jax.Array      # float32: multiplies every update; rollbacks lower it (safety.py)
   # Hyperparameters that are arrays, not constants, so changing one (a swarm's
   # exploration, a schedule) never recompiles the step: name -> float32 scalar.
-  # "lr" multiplies every update (on top of lr_scale).
+  # "lr" multiplies every update (on top of lr_scale); the delta learner's loss
+  # weights, EMA decay, gate temperature and replay weight live here too.
   hp: dict[str, jax.Array]
+  delta: DeltaState | None = None  # forecasts, teacher, base, replay (streamlearn/delta.py)
 
 
 class Chunk(NamedTuple):
@@ -95,10 +98,14 @@ def learning_rate(cfg: OptimConfig, step: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
-  """The µLM plus the match model: how a stream's tokens become next-token logits."""
+  """The µLM plus the match model: how a stream's tokens become next-token logits.
+
+  `delta` says what the delta learner around them keeps (None: the plain learner).
+  """
 
   lm: LM
   match_cfg: MatchConfig | None   # None: the match model is off
+  delta: DeltaSpec | None = None
 
   def init_carry(self, batch: int, bos_id: int) -> Carry:
     """The carry before the stream's first token."""
@@ -125,14 +132,28 @@ class Predictor:
 
 def make_predictor(config: Config, vocab_size: int) -> Predictor:
   match_cfg = config.match if config.match.enabled else None
+  spec = delta_spec(config.delta, config.replay, config.data.chunk_tokens)
   lm = LM(config.model, vocab_size, match_len=match_cfg.max_len if match_cfg else 0,
-          match_orders=len(match_cfg.orders) if match_cfg else 0)
-  return Predictor(lm, match_cfg)
+          match_orders=len(match_cfg.orders) if match_cfg else 0,
+          forecast_channel=bool(spec and spec.channel),
+          surprise_head=bool(spec and spec.delta.residual > 0))
+  return Predictor(lm, match_cfg, spec)
 
 
-def initial_hparams() -> dict[str, jax.Array]:
+def initial_hparams(spec: DeltaSpec | None = None) -> dict[str, jax.Array]:
   """The array hyperparameters of a new learner (see LearnerState.hp)."""
-  return {"lr": jnp.ones((), jnp.float32)}
+  values = {"lr": 1.0}
+  if spec is not None:
+    values.update(consistency=spec.delta.consistency, kl=spec.delta.kl,
+                  ema_decay=spec.delta.ema_decay, gate_temperature=spec.delta.gate_temperature,
+                  replay=spec.replay.weight)
+  return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+
+
+@functools.cache
+def _jitted(fn):
+  """One compiled function per (hashable) callable: a new jit each call would compile anew."""
+  return jax.jit(fn)
 
 
 def init_learner(predictor: Predictor, optimizer: optax.GradientTransformation, *, seed: int,
@@ -140,11 +161,14 @@ def init_learner(predictor: Predictor, optimizer: optax.GradientTransformation, 
   """The state before the first chunk."""
   # A raw uint32 key, not a typed one: checkpoints store it as a plain array.
   key = jax.random.PRNGKey(seed)
-  params = jax.jit(predictor.lm.init)(jax.random.fold_in(key, 0))
+  params = _jitted(predictor.lm.init)(jax.random.fold_in(key, 0))
+  carry = predictor.init_carry(batch, bos_id)
+  spec = predictor.delta
   return LearnerState(
-      params=params, opt_state=jax.jit(optimizer.init)(params),
-      carry=predictor.init_carry(batch, bos_id), step=jnp.zeros((), jnp.int32), rng=key,
-      lr_scale=jnp.ones((), jnp.float32), hp=initial_hparams())
+      params=params, opt_state=_jitted(optimizer.init)(params), carry=carry,
+      step=jnp.zeros((), jnp.int32), rng=key, lr_scale=jnp.ones((), jnp.float32),
+      hp=initial_hparams(spec),
+      delta=init_delta(spec, predictor.lm, params, carry.rec_state, batch) if spec else None)
 
 
 def chunk_nll(predictor: Predictor, params, carry: Carry, chunk: Chunk):
@@ -187,6 +211,11 @@ def make_step(predictor: Predictor, optimizer: optax.GradientTransformation, opt
   it lives in the state so checkpoints carry it and a resumed run draws the
   same numbers (this learner draws none yet; later parts of the step do).
   """
+
+  if predictor.delta is not None:
+    from streamlearn.delta_step import make_delta_step  # it builds on this module
+
+    return make_delta_step(predictor, optimizer, optim_cfg)
 
   def step(state: LearnerState, chunk: Chunk) -> tuple[LearnerState, dict]:
     def loss_fn(params):

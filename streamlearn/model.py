@@ -44,6 +44,13 @@ PRESETS: dict[str, ModelConfig] = {
 _LRU_C = 8.0
 
 
+class ForecastInput(NamedTuple):
+  """The second input stream: a forecast of each position's target token, made a tick earlier."""
+
+  token_BxT: jax.Array   # int32: the forecast token for position t's target
+  on_BxT: jax.Array      # float32: 1 where the trunk reads it (0: no forecast, or dropped)
+
+
 class LayerState(NamedTuple):
   h_BxW: jax.Array      # recurrence state, float32
   conv_BxKm1xW: jax.Array  # last K-1 inputs of the causal conv
@@ -188,6 +195,8 @@ class MicroLM(nn.Module):
   vocab_size: int
   match_len: int = 0     # longest match length the match model reports; 0: no match input
   match_orders: int = 0  # how many predictions (one per context order) it makes per token
+  forecast_channel: bool = False  # reads a forecast of each target token (streamlearn/delta.py)
+  surprise_head: bool = False     # holds W of the residual linearisation (delta.residual > 0)
 
   def setup(self):
     cfg = self.cfg
@@ -206,25 +215,43 @@ class MicroLM(nn.Module):
                                         embedding_init=nn.initializers.normal(0.1))
       self.match_length_embed = nn.Embed(self.match_orders * (self.match_len + 1), cfg.d_model,
                                          embedding_init=nn.initializers.zeros_init())
+    if self.forecast_channel:
+      self.forecast_embed = nn.Embed(self.vocab_size, cfg.d_model,
+                                     embedding_init=nn.initializers.normal(0.1))
+      # A learned per-feature gate on the channel, starting mostly closed
+      # (sigmoid(-2) = 0.12): the forecast must earn its way into the stream.
+      self.forecast_gate = self.param("forecast_gate", nn.initializers.constant(-2.0),
+                                      (cfg.d_model,))
+    if self.surprise_head:
+      # Read by streamlearn/delta.py, not here: surprise ≈ hidden · W.
+      self.surprise_w = self.param("surprise_w", nn.initializers.zeros_init(), (cfg.d_model,))
 
   def __call__(self, tokens_BxT, state: tuple[LayerState, ...], n_real_B=None,
-               match: MatchFeatures | None = None):
+               match: MatchFeatures | None = None, forecast: ForecastInput | None = None,
+               with_hidden: bool = False):
     x_BxTxD = self.embed(tokens_BxT)
+    if self.forecast_channel:
+      on_BxTx1 = (jnp.zeros(tokens_BxT.shape) if forecast is None else forecast.on_BxT)[..., None]
+      token_BxT = tokens_BxT if forecast is None else forecast.token_BxT
+      x_BxTxD = x_BxTxD + (on_BxTx1 * nn.sigmoid(self.forecast_gate)[None, None]
+                           * self.forecast_embed(token_BxT))
     if match is not None:
       found_BxTxOx1 = (match.length_BxTxO > 0)[..., None]
       offset_1x1xO = (jnp.arange(self.match_orders) * (self.match_len + 1))[None, None]
       x_BxTxD = x_BxTxD + jnp.sum(
           found_BxTxOx1 * self.match_token_embed(match.token_BxTxO)
           + self.match_length_embed(offset_1x1xO + match.length_BxTxO), axis=2)
-    return self.from_embeddings(x_BxTxD, state, n_real_B, match)
+    return self.from_embeddings(x_BxTxD, state, n_real_B, match, with_hidden)
 
   def from_embeddings(self, x_BxTxD, state: tuple[LayerState, ...], n_real_B=None,
-                      match: MatchFeatures | None = None):
+                      match: MatchFeatures | None = None, with_hidden: bool = False):
     """The model after the embedding lookup (tests differentiate through inputs here).
 
     n_real_B: real tokens per row (the rest is end-of-stream padding, which
     leaves the carried state untouched); None means all T are real.
     match: the match model's prediction for each position's *target* token.
+    with_hidden: also return the final normed hidden state [B, T, D] (what
+    the EMA teacher's consistency loss compares).
     """
     B, T = x_BxTxD.shape[:2]
     if n_real_B is None:
@@ -245,6 +272,8 @@ class MicroLM(nn.Module):
       logits_BxTxV = logits_BxTxV + jnp.einsum(
           "bto,btov->btv", trust_BxTxO,
           jax.nn.one_hot(match.token_BxTxO, self.vocab_size, dtype=logits_BxTxV.dtype))
+    if with_hidden:
+      return logits_BxTxV, tuple(new_state), x_BxTxD
     return logits_BxTxV, tuple(new_state)
 
 
@@ -256,10 +285,13 @@ class LM:
   vocab_size: int
   match_len: int = 0     # > 0: apply takes the match model's features (MatchFeatures)
   match_orders: int = 0
+  forecast_channel: bool = False  # apply takes a ForecastInput (absent: the channel reads nothing)
+  surprise_head: bool = False
 
   @property
   def module(self) -> MicroLM:
-    return MicroLM(self.cfg, self.vocab_size, self.match_len, self.match_orders)
+    return MicroLM(self.cfg, self.vocab_size, self.match_len, self.match_orders,
+                   self.forecast_channel, self.surprise_head)
 
   def init_state(self, batch: int) -> tuple[LayerState, ...]:
     """The state before any token: zeros."""
@@ -275,10 +307,17 @@ class LM:
     match = MatchFeatures(none_1x1xO, none_1x1xO) if self.match_len else None
     return self.module.init(key, tokens, self.init_state(1), None, match)["params"]
 
-  def apply(self, params, tokens_BxT, state, n_real_B=None,
-            match: MatchFeatures | None = None) -> tuple[jax.Array, tuple[LayerState, ...]]:
+  def apply(self, params, tokens_BxT, state, n_real_B=None, match: MatchFeatures | None = None,
+            forecast: ForecastInput | None = None) -> tuple[jax.Array, tuple[LayerState, ...]]:
     """(logits [B, T, V] float32, the state after the last real token)."""
-    return self.module.apply({"params": params}, tokens_BxT, state, n_real_B, match)
+    return self.module.apply({"params": params}, tokens_BxT, state, n_real_B, match, forecast)
+
+  def apply_with_hidden(self, params, tokens_BxT, state, n_real_B=None,
+                        match: MatchFeatures | None = None,
+                        forecast: ForecastInput | None = None):
+    """(logits, state, final hidden [B, T, D]): apply, plus what the logits are read from."""
+    return self.module.apply({"params": params}, tokens_BxT, state, n_real_B, match, forecast,
+                             True)
 
 
 def count_params(params) -> int:
