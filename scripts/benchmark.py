@@ -2,6 +2,18 @@
 
     python scripts/benchmark.py --data /tmp/austen.txt --bytes 1000000 --json out.json
     python scripts/benchmark.py --data stdlib --bytes 1000000     # the embedded default stream
+    python scripts/benchmark.py --data stdlib --configs static,vanilla,full,full-minus-gate \
+        --plot curves.png --forgetting /tmp/austen.txt stdlib
+
+`--configs` runs several learners on the same bytes in one invocation:
+`static` (no learning: the starting parameters score the stream, the match
+model still reads it), `vanilla` (score-first online learning, nothing else),
+`full` (configs/full.toml's [delta] and [replay]: everything on) and
+`full-minus-X` for X in channel, ema, kl, gate, replay, lag (lag 2 -> 1).
+`--plot` draws running bits/byte against bytes for each (needs matplotlib:
+pip install -e '.[bench]'). `--forgetting A B` streams --forgetting-bytes of
+A then of B with vanilla and full and scores held-out A (the --canary-bytes
+of A after the streamed ones) without adaptation before and after B.
 
 Streams the first N bytes of the data through the learner with a config
 (default: configs/default.toml's values), score first, then learn, exactly as
@@ -16,6 +28,7 @@ bytes/s counts from the second chunk on (the first pays for compilation).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -25,12 +38,42 @@ import sys
 import tempfile
 from pathlib import Path
 
-from streamlearn.config import ConfigError, load_config
-from streamlearn.learner import build, init_learner
-from streamlearn.prequential import learn_through
+import jax
+
+from streamlearn.config import ConfigError, config_to_dict, load_config
+from streamlearn.learner import build, init_learner, make_score
+from streamlearn.prequential import learn_through, score_through
 from streamlearn.sources import SourceError, open_source
 from streamlearn.stream import TokenStream
 from streamlearn.tokenizer import make_tokenizer
+
+_FULL_TOML = Path(__file__).resolve().parent.parent / "configs" / "full.toml"
+_PLAIN = ["delta.lag=0", "delta.consistency=0", "delta.kl=0", "delta.gate=false",
+          "delta.residual=0", "replay.capacity=0"]
+_MINUS = {"channel": ["delta.forecast_channel=false"], "ema": ["delta.consistency=0"],
+          "kl": ["delta.kl=0"], "gate": ["delta.gate=false"], "replay": ["replay.capacity=0"],
+          "lag": ["delta.lag=1"]}
+
+
+def full_overrides() -> list[str]:
+  """configs/full.toml's [delta] and [replay], as overrides on any config."""
+  table = config_to_dict(load_config(_FULL_TOML))
+  return [f"{section}.{key}={json.dumps(value)}" for section in ("delta", "replay")
+          for key, value in table[section].items()]
+
+
+def ablation(name: str) -> list[str] | None:
+  """The overrides a named --configs entry adds (None: static, no learning)."""
+  if name == "static":
+    return None
+  if name == "vanilla":
+    return list(_PLAIN)
+  if name == "full":
+    return full_overrides()
+  if name.startswith("full-minus-") and name[len("full-minus-"):] in _MINUS:
+    return full_overrides() + _MINUS[name[len("full-minus-"):]]
+  raise ConfigError(f"--configs: unknown entry {name!r} (known: static, vanilla, full, "
+                    + ", ".join(f"full-minus-{x}" for x in _MINUS) + ")")
 
 COMPRESSORS = {"gzip": ["gzip", "-9", "-c"], "bzip2": ["bzip2", "-9", "-c"],
                "xz": ["xz", "-9e", "-c"], "zstd": ["zstd", "-19", "-c", "-q"]}
@@ -64,32 +107,142 @@ def classical(data: bytes) -> tuple[dict, list[str]]:
   return results, missing
 
 
-def run_config(config_path: str | None, overrides: list[str], spec: str | None, n: int) -> dict:
-  config = load_config(config_path, overrides)
-  tokenizer = make_tokenizer(config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
-                             warmup=first_bytes(spec, config.tokenizer.warmup_bytes, config)
-                             if config.tokenizer.kind == "bpe" else b"")
-  predictor, optimizer, step = build(config, tokenizer.vocab_size)
-  state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+def _tokenizer(config, spec):
+  return make_tokenizer(config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
+                        warmup=first_bytes(spec, config.tokenizer.warmup_bytes, config)
+                        if config.tokenizer.kind == "bpe" else b"")
+
+
+def _stream(config, tokenizer, spec, n: int, skip: int = 0) -> TokenStream:
+  """Tokens of bytes [skip, skip + n) of a source (a file slice when skip > 0)."""
   source = open_source(spec, max_file_bytes=config.data.max_file_bytes,
                        block_bytes=config.data.block_bytes)
-  stream = TokenStream(source, tokenizer, config.data.chunk_tokens, max_bytes=n)
-  _, result = learn_through(step, state, stream)
-  return {"config": Path(config_path).stem if config_path else "default",
-          "overrides": overrides, "bpb": result.bits_per_byte,
+  if skip:
+    source = _SliceSource(source, skip)
+  return TokenStream(source, tokenizer, config.data.chunk_tokens, max_bytes=n)
+
+
+class _SliceSource:
+  """A source's blocks from byte `skip` on (for held-out slices of a file)."""
+
+  def __init__(self, inner, skip: int):
+    self.inner, self.skip, self.name = inner, skip, inner.name
+    self.block_bytes, self.skipped = inner.block_bytes, inner.skipped
+
+  def blocks(self, start=None):
+    left = self.skip
+    for block in self.inner.blocks():
+      if left >= len(block.data):
+        left -= len(block.data)
+        continue
+      yield dataclasses.replace(block, data=block.data[left:]) if left else block
+      left = 0
+
+
+def run_config(config_path: str | None, overrides: list[str] | None, spec: str | None, n: int,
+               name: str | None = None, curve_every: int = 0) -> dict:
+  """One learner (or, with overrides None, the static model) over the first n bytes."""
+  config = load_config(config_path, overrides or [])
+  tokenizer = _tokenizer(config, spec)
+  predictor, optimizer, step = build(config, tokenizer.vocab_size)
+  state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+  stream = _stream(config, tokenizer, spec, n)
+  if overrides is None:
+    result = score_through(make_score(predictor), state.params, state.carry, stream, curve_every)
+  else:
+    _, result = learn_through(step, state, stream, curve_every)
+  return {"config": name or (Path(config_path).stem if config_path else "default"),
+          "overrides": overrides or [], "bpb": result.bits_per_byte,
           "bytes_per_s": result.bytes_per_s, "seconds": result.seconds,
-          "bytes": result.bytes, "tokens": result.tokens, "chunks": result.chunks}
+          "bytes": result.bytes, "tokens": result.tokens, "chunks": result.chunks,
+          "curve": result.curve}
+
+
+def forgetting(config_path: str | None, base_overrides: list[str], a_spec: str, b_spec: str,
+               n: int, canary_bytes: int, names: list[str]) -> list[dict]:
+  """Canary bits/byte on held-out A after streaming A, and again after B, per config.
+
+  With a KL guard, the base becomes the model as A left it, as a run resumed
+  on new data with `delta.base` naming its own checkpoint would have it.
+  """
+  rows = []
+  for name in names:
+    overrides = base_overrides + ablation(name)
+    config = load_config(config_path, overrides)
+    tokenizer = _tokenizer(config, a_spec)
+    predictor, optimizer, step = build(config, tokenizer.vocab_size)
+    score = make_score(predictor)
+    state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+
+    def canary(params):
+      carry = predictor.init_carry(1, tokenizer.bos_id)
+      return score_through(score, params, carry,
+                           _stream(config, tokenizer, a_spec, canary_bytes, skip=n)).bits_per_byte
+
+    state, on_a = learn_through(step, state, _stream(config, tokenizer, a_spec, n))
+    before = canary(state.params)
+    if state.delta is not None and state.delta.base is not None:
+      state = state.replace(delta=state.delta.replace(
+          base=jax.tree.map(lambda x: x.copy(), state.params),
+          base_rec=jax.tree.map(lambda x: x.copy(), state.carry.rec_state)))
+    state, on_b = learn_through(step, state, _stream(config, tokenizer, b_spec, n))
+    after = canary(state.params)
+    rows.append({"config": name, "a_bpb": on_a.bits_per_byte, "b_bpb": on_b.bits_per_byte,
+                 "canary_before": before, "canary_after": after,
+                 "rise_pct": 100 * (after - before) / before})
+  return rows
+
+
+def plot(report: dict, out: str) -> None:
+  try:
+    import matplotlib
+  except ImportError:
+    print("(no plot: matplotlib is not installed; pip install -e '.[bench]')")
+    return
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for run in report["runs"]:
+    if run["curve"]:
+      x, y = zip(*run["curve"])
+      ax.plot(x, y, label=f"{run['config']} ({run['bpb']:.3f})")
+  for name, bpb in report["classical"].items():
+    ax.axhline(bpb, linestyle=":", color="grey")
+    ax.text(report["bytes"], bpb, f" {name}", va="center", fontsize=8, color="grey")
+  ax.set_xlabel("bytes streamed")
+  ax.set_ylabel("running prequential bits/byte")
+  ax.set_title(f"{report['data']}, first {report['bytes']:,} bytes ({report['date']})")
+  ax.set_ylim(top=min(ax.get_ylim()[1], 4.0))
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
 
 
 def markdown(report: dict) -> str:
-  lines = ["| stream | bytes | method | bits/byte | bytes/s |", "| --- | ---: | --- | ---: | ---: |"]
+  vanilla = next((r for r in report["runs"] if r["config"] == "vanilla"), None)
+  lines = ["| stream | bytes | method | bits/byte | vs vanilla | bytes/s | speed vs vanilla |",
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
   for run in report["runs"]:
-    label = run["config"] + (f" ({' '.join(run['overrides'])})" if run["overrides"] else "")
+    label = run["config"]
+    if run["overrides"] and not report.get("ablation"):
+      label += f" ({' '.join(run['overrides'])})"
+    rel = speed = ""
+    if vanilla is not None:
+      rel = f"{100 * (run['bpb'] / vanilla['bpb'] - 1):+.1f}%"
+      speed = f"{run['bytes_per_s'] / vanilla['bytes_per_s']:.2f}x"
     lines.append(f"| {report['data']} | {report['bytes']:,} | streamlearn {label} | "
-                 f"{run['bpb']:.3f} | {run['bytes_per_s']:,.0f} |")
+                 f"{run['bpb']:.3f} | {rel} | {run['bytes_per_s']:,.0f} | {speed} |")
   for name, bpb in report["classical"].items():
     lines.append(f"| {report['data']} | {report['bytes']:,} | {' '.join(COMPRESSORS[name][:2])} | "
-                 f"{bpb:.3f} | |")
+                 f"{bpb:.3f} | | | |")
+  if report.get("forgetting"):
+    lines += ["", "| forgetting: config | bits/byte on A | on B | canary A before B | after B | rise |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in report["forgetting"]:
+      lines.append(f"| {row['config']} | {row['a_bpb']:.3f} | {row['b_bpb']:.3f} | "
+                   f"{row['canary_before']:.3f} | {row['canary_after']:.3f} | "
+                   f"{row['rise_pct']:+.1f}% |")
   return "\n".join(lines)
 
 
@@ -100,23 +253,50 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default=None, help="run config (default: built-in defaults)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   parser.add_argument("--json", metavar="OUT", help="write the report as JSON")
+  parser.add_argument("--configs", help="comma-separated: static, vanilla, full, full-minus-X")
+  parser.add_argument("--plot", metavar="PNG", help="running bits/byte against bytes, per config")
+  parser.add_argument("--forgetting", nargs=2, metavar=("A", "B"),
+                      help="stream A then B (vanilla, full); canary = held-out A")
+  parser.add_argument("--forgetting-bytes", type=int, default=300_000,
+                      help="bytes of A, then of B, in the forgetting check")
+  parser.add_argument("--canary-bytes", type=int, default=50_000,
+                      help="held-out A: this many bytes of A after the streamed ones")
   args = parser.parse_args(argv)
   spec = None if args.data == "stdlib" else args.data
+  names = args.configs.split(",") if args.configs else []
+  curve_every = max(1, args.bytes // 256 // 200)  # ~200 points per curve
   try:
     config = load_config(args.config, args.set)
+    ablations = {name: ablation(name) for name in names}
     data = first_bytes(spec, args.bytes, config)
     if not data:
       raise SourceError(f"{args.data}: no bytes to stream")
-    run = run_config(args.config, args.set, spec, len(data))
+    if names:
+      runs = []
+      for name, extra in ablations.items():
+        runs.append(run_config(args.config, None if extra is None else args.set + extra, spec,
+                               len(data), name, curve_every))
+        print(f"{name}: {runs[-1]['bpb']:.4f} bits/byte, {runs[-1]['bytes_per_s']:,.0f} B/s",
+              file=sys.stderr, flush=True)
+    else:
+      runs = [run_config(args.config, args.set, spec, len(data), curve_every=curve_every)]
+    rows = []
+    if args.forgetting:
+      a, b = (None if x == "stdlib" else x for x in args.forgetting)
+      rows = forgetting(args.config, args.set, a, b, args.forgetting_bytes, args.canary_bytes,
+                        ["vanilla", "full"])
   except (ConfigError, SourceError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
   scores, missing = classical(data)
   report = {"date": str(datetime.date.today()), "machine": platform.machine(),
             "data": args.data, "bytes": len(data), "classical": scores,
-            "classical_missing": missing, "runs": [run],
+            "classical_missing": missing, "runs": runs, "ablation": bool(names),
+            "forgetting": rows,
             "command": "python scripts/benchmark.py " + " ".join(argv or sys.argv[1:])}
   print(markdown(report))
+  if args.plot:
+    plot(report, args.plot)
   if missing:
     print(f"(not installed, skipped: {', '.join(missing)})")
   if args.json:

@@ -49,14 +49,17 @@ class PassResult(Totals):
   seconds: float = 0.0          # wall time of the whole pass, compilation included
   steady_seconds: float = 0.0   # wall time after the first chunk (compiled)
   steady_bytes: int = 0         # bytes after the first chunk
+  # (bytes seen, running bits/byte) every `curve_every` chunks: the learning curve.
+  curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+  curve_every: int = 0          # 0: no curve
 
   @property
   def bytes_per_s(self) -> float:
     return self.steady_bytes / self.steady_seconds if self.steady_seconds else float("nan")
 
 
-def _drive(run_one, chunks: Iterable[HostChunk]) -> PassResult:
-  result = PassResult()
+def _drive(run_one, chunks: Iterable[HostChunk], curve_every: int = 0) -> PassResult:
+  result = PassResult(curve_every=curve_every)
   start = time.perf_counter()
   first_done = None
   in_flight = None
@@ -85,9 +88,12 @@ def _add(result: PassResult, metrics, chunk: HostChunk) -> None:
   result.tokens += chunk.n_tokens
   result.bits += bits
   result.chunks += 1
+  if result.curve_every and result.chunks % result.curve_every == 0:
+    result.curve.append((result.bytes, result.bits_per_byte))
 
 
-def learn_through(step_fn, state: LearnerState, chunks: Iterable[HostChunk]):
+def learn_through(step_fn, state: LearnerState, chunks: Iterable[HostChunk],
+                  curve_every: int = 0):
   """(final state, PassResult) of the score-first learner over the chunks."""
   holder = [state]
 
@@ -95,11 +101,12 @@ def learn_through(step_fn, state: LearnerState, chunks: Iterable[HostChunk]):
     holder[0], metrics = step_fn(holder[0], chunk)
     return metrics
 
-  result = _drive(run_one, chunks)
+  result = _drive(run_one, chunks, curve_every)
   return holder[0], result
 
 
-def score_through(score_fn, params, carry: Carry, chunks: Iterable[HostChunk]):
+def score_through(score_fn, params, carry: Carry, chunks: Iterable[HostChunk],
+                  curve_every: int = 0):
   """PassResult of frozen scoring over the chunks (the carry still moves on)."""
   holder = [carry]
 
@@ -107,4 +114,4 @@ def score_through(score_fn, params, carry: Carry, chunks: Iterable[HostChunk]):
     holder[0], metrics = score_fn(params, holder[0], chunk)
     return metrics
 
-  return _drive(run_one, chunks)
+  return _drive(run_one, chunks, curve_every)

@@ -139,6 +139,10 @@ def linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array, *,
     impl = auto_impl()
   if 0 in a.shape:  # nothing to scan: h_all is empty, the state passes through
     return jnp.zeros(a.shape, jnp.result_type(a, b)), h0
+  if a.shape[1] == 1:  # one step (token-by-token generation): no loop to pay for
+    acc = _acc_dtype(a.dtype, b.dtype, h0.dtype)
+    h_BxD = a[:, 0].astype(acc) * h0.astype(acc) + b[:, 0].astype(acc)
+    return h_BxD[:, None].astype(jnp.result_type(a, b)), h_BxD.astype(h0.dtype)
   if impl is ScanImpl.LAX:
     return lax_linear_scan(a, b, h0, reverse=reverse)
   if impl is ScanImpl.ASSOCIATIVE:

@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from streamlearn.canary import Canaries, CanaryError
 from streamlearn.checkpoint import (Checkpointer, RunLock, VersionError, abstract_like,
                                     move_aside)
 from streamlearn.config import Config, config_to_dict
@@ -35,7 +36,17 @@ log = logging.getLogger("streamlearn.run")
 
 CONFIG_FILE = "config.json"
 # Sections that fix the shapes of the state: a resumed run must keep them.
-_FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens")
+_FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens", "delta", "replay")
+
+# TensorBoard tags of the step's metrics beyond the prequential score (delta learner).
+_TAGS = {"forecast_bits": "delta/forecast_bits_per_token", "forecast_agreement": "delta/agreement",
+         "delta_rms_bits": "delta/surprise_rms_bits", "forecast_entropy": "delta/forecast_entropy",
+         "gate": "delta/gate", "loss_ce": "loss/cross_entropy",
+         "loss_consistency": "loss/consistency", "loss_residual": "loss/residual",
+         "loss_kl": "guard/kl_to_base", "teacher_distance": "guard/ema_student_distance",
+         "replay_bits": "replay/sampled_bits_per_token", "replay_fill": "replay/fill",
+         "replay_priority_mean": "replay/priority_mean",
+         "replay_priority_max": "replay/priority_max"}
 
 
 class RunError(RuntimeError):
@@ -108,7 +119,11 @@ class Session:
                                "to": parent, "aside": set_aside[0], "path": str(set_aside[1])})
     self.registry.write()
     self._unregistered: tuple[int, dict] | None = None
-    self._score_fn = None  # frozen scoring, compiled at the first spike alarm
+    self._score_fn = None  # frozen scoring, compiled at the first spike alarm or canary
+    try:
+      self.canaries = Canaries(config.canary, tokenizer, config.data.chunk_tokens)
+    except CanaryError as err:
+      raise RunError(str(err)) from None
 
   # --- opening ------------------------------------------------------------------------------
 
@@ -154,6 +169,9 @@ class Session:
                  lock: RunLock) -> "Session":
     predictor, optimizer, _ = build(config, tokenizer.vocab_size)
     state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+    if config.delta.base and state.delta is not None and state.delta.base is not None:
+      state = state.replace(delta=state.delta.replace(
+          base=_named_base(config.delta.base, state.params)))
     return cls(config, run_dir, source, tokenizer, state, None, Totals(), lock)
 
   @classmethod
@@ -319,8 +337,20 @@ class Session:
       writer.add_scalar("safety/skipped", float(skipped), step)
       if (score := self.guard.score()) is not None:
         writer.add_scalar("safety/score", score, step)
+      for key, tag in _TAGS.items():
+        if key in m:
+          writer.add_scalar(tag, float(m[key]), step)
+    if self.canaries.due(step):
+      self._score_canaries(step)
     progress.update(self._progress_text(clock))
     return alarm
+
+  def _score_canaries(self, step: int) -> None:
+    if self._score_fn is None:
+      self._score_fn = make_score(self.predictor)
+    empty = self.predictor.init_carry(1, self.tokenizer.bos_id)
+    for name, bpb in self.canaries.score(self._score_fn, self.state.params, empty).items():
+      self._writer.add_scalar(f"canary/{name}/bits_per_byte", bpb, step)
 
   # --- the safety net ---------------------------------------------------------------------
 
@@ -420,6 +450,43 @@ def _lock(run_dir: Path) -> RunLock:
     return RunLock(run_dir)
   except VersionError as err:
     raise RunError(str(err)) from None
+
+
+def _named_base(spec: str, like_params):
+  """The parameters of version STEP (default: the newest) of run RUN_DIR, for `delta.base`.
+
+  Parameters the named run lacks (the forecast channel, when it learned
+  without one) keep this run's start values: the base never reads a forecast.
+  """
+  from streamlearn.versions import open_run  # it imports this module
+
+  run_dir, _, step = spec.partition("@")
+  try:
+    run = open_run(run_dir)
+  except VersionError as err:
+    raise RunError(f"delta.base: {err}") from None
+  try:
+    if step and not step.isdigit():
+      raise VersionError(f"{spec}: expected RUN_DIR or RUN_DIR@STEP")
+    record, tokenizer_json = run.checkpointer.read_record(
+        int(step) if step else run.checkpointer.latest_step())
+    tokenizer = tokenizer_from_json(tokenizer_json, spec)
+    predictor, optimizer, _ = build(run.config, tokenizer.vocab_size)
+    fresh = init_learner(predictor, optimizer, seed=run.config.seed, bos_id=tokenizer.bos_id)
+    state, _, _ = run.checkpointer.restore(int(step) if step else None, abstract_like(fresh))
+  except (VersionError, ValueError, TypeError) as err:
+    raise RunError(f"delta.base: {err}") from None
+  finally:
+    run.checkpointer.close()
+  named = dict(state.params)
+  for key, value in like_params.items():
+    got = named.get(key)
+    if got is None:
+      named[key] = value
+    elif jax.tree.map(jnp.shape, got) != jax.tree.map(jnp.shape, value):
+      raise RunError(f"delta.base: {spec} has a different model ({key} differs in shape)")
+  extra = set(named) - set(like_params)
+  return {k: v for k, v in named.items() if k not in extra}
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -107,3 +107,16 @@ class TokenStream:
       padded[:n] = pending
       yield HostChunk(padded, n, int(token_bytes[pending].sum()),
                       self._position(source_position, skip, pending[:0]))
+
+
+def chunk_bytes(data: bytes, tokenizer: Tokenizer, chunk_tokens: int) -> list[HostChunk]:
+  """A fixed text as chunks (the last one padded), for scoring it whole, e.g. a canary."""
+  tokens, T = tokenizer.encode(data), chunk_tokens
+  token_bytes = tokenizer.token_bytes
+  chunks = []
+  for start in range(0, len(tokens), T):
+    part = tokens[start:start + T]
+    padded = np.full(T, tokenizer.pad_id, np.int32)
+    padded[:len(part)] = part
+    chunks.append(HostChunk(padded, len(part), int(token_bytes[part].sum()), {}))
+  return chunks

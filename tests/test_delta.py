@@ -1,26 +1,32 @@
 """Two-stream delta learning: buffer pairing, causality, EMA, KL, gate, replay, switches."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import json as json_module
+import pathlib as pathlib_module
 
 from streamlearn import delta as dl
 from streamlearn import replay as replay_lib
 from streamlearn.config import load_config
 from streamlearn.learner import Chunk, build, init_learner
 from streamlearn.model import LM
+from streamlearn.run import main
 
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")
 VOCAB, BOS, T, K, LAG = 259, 256, 16, 8, 2
-FULL = ["model.preset=nano", "match.orders=[3]", "match.history_log2=8", "match.table_log2=6",
-        f"data.chunk_tokens={T}", "optim.warmup_steps=1", f"delta.lag={LAG}",
+FULL = [f"data.chunk_tokens={T}", "optim.warmup_steps=1", f"delta.lag={LAG}",
         f"delta.forecast_tokens={K}", "delta.consistency=0.1", "delta.kl=0.01",
         "delta.residual=0.1", "delta.gate=true", "replay.capacity=8", "replay.tokens=8",
         "replay.batch=2"]
 
 
 def config(*overrides):
-  return load_config(None, FULL + list(overrides))
+  return load_config(TINY, FULL + list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +230,40 @@ def test_each_switch_removes_its_component(monkeypatch):
                                    "delta.consistency=0", "delta.kl=0", "replay.capacity=0"],
                                   monkeypatch)
   assert state.delta is None  # everything off: the plain learner's step
+
+
+def _tags(run_dir: Path) -> bytes:
+  return b"".join(f.read_bytes() for f in (run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_base(tmp_path, caplog,
+                                                                               capsys):
+  caplog.set_level("INFO", logger="streamlearn")
+  text = b"".join(Path(m.__file__).read_bytes()[:3000] for m in (json_module, pathlib_module))
+  (tmp_path / "text.txt").write_bytes(text)
+  sets = [x for o in FULL for x in ("--set", o)] + [
+      "--set", f'canary.paths=["{tmp_path / "text.txt"}@4000:5000"]', "--set",
+      "canary.every_chunks=10"]
+  first = tmp_path / "first"
+  args = ["--config", TINY, "--data", str(tmp_path / "text.txt"), *sets]
+  assert main(args + ["--run-dir", str(first), "--max-bytes", "1500"]) == 0
+  assert main(args + ["--run-dir", str(first), "--resume"]) == 0
+  assert "resuming" in caplog.text
+  tags = _tags(first)
+  for tag in (b"delta/forecast_bits_per_token", b"delta/agreement", b"delta/gate",
+              b"guard/kl_to_base", b"guard/ema_student_distance", b"replay/priority_mean",
+              b"loss/consistency", b"canary/text.txt"):
+    assert tag in tags, tag
+  # A new run guarded by the first one's model.
+  second = tmp_path / "second"
+  assert main(args + ["--run-dir", str(second), "--max-bytes", "600",
+                      "--set", f"delta.base={first}"]) == 0
+  capsys.readouterr()
+  assert main(args + ["--run-dir", str(tmp_path / "third"), "--set",
+                      f"delta.base={tmp_path / 'nowhere'}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: delta.base:")
+  assert main(args + ["--run-dir", str(tmp_path / "fourth"), "--set",
+                      'canary.paths=["/no/such/canary.txt"]']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: canary.paths: /no/such/canary.txt")
