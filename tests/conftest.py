@@ -1,7 +1,9 @@
 """Test-wide JAX settings and a fresh, reported random seed per test."""
 
+import getpass
 import os
 import secrets
+import tempfile
 
 import jax
 import numpy as np
@@ -9,6 +11,17 @@ import pytest
 
 # Silent broadcasting between mismatched ranks hides shape bugs; make it loud.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# One persistent compilation cache for the whole session, test workers and the CLI
+# subprocesses they start alike (through the environment): the tiny configs' steps
+# compile once, not once per process. Keys cover everything that shapes a program.
+_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"streamlearn-test-jax-cache-{getpass.getuser()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 @pytest.fixture
