@@ -35,7 +35,7 @@ log = logging.getLogger("streamlearn.run")
 
 CONFIG_FILE = "config.json"
 # Sections that fix the shapes of the state: a resumed run must keep them.
-_FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens")
+_FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens", "swarm.size")
 
 
 class RunError(RuntimeError):
