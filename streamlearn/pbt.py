@@ -137,8 +137,11 @@ class Population:
       old["died_chunk"] = chunk
       self.members[new_id] = entry
       self.slots[slot] = new_id
-      self.bits_WxN[:, slot] = 0.0  # the newborn is judged on its own chunks only
-      self.bytes_WxN[:, slot] = 0.0
+      # A copy's recent past is its parent's (same parameters, same chunks); a fresh
+      # member has none, so it leads only once its window is as full as the others'.
+      src = src_N[slot] if copied_N[slot] else None
+      self.bits_WxN[:, slot] = 0.0 if src is None else self.bits_WxN[:, src]
+      self.bytes_WxN[:, slot] = 0.0 if src is None else self.bytes_WxN[:, src]
     self.leader = self.slots[self.leader_slot()]
     return Plan(src_N, copied_N, fresh_N, self.seeds_N(), self.hp_N())
 
@@ -178,9 +181,7 @@ class Population:
     return self.slots.index(member)
 
   def registry_view(self) -> dict:
-    """The `members` section of registry.json."""
-    return {"leader": self.leader, "slots": list(self.slots),
-            "lineage": [self.members[m] for m in sorted(self.members)]}
+    return registry_view(self.to_json())
 
   def to_json(self) -> dict:
     return {"slots": self.slots, "members": [self.members[m] for m in sorted(self.members)],
@@ -213,3 +214,9 @@ def _entry(member: int, parent: int | None, kind: str, seed: int, chunk: int, n_
   """A lineage entry; `scores` gets [chunk, rolling bits/byte] at every event."""
   return {"id": member, "parent": parent, "kind": kind, "seed": seed, "born_chunk": chunk,
           "born_bytes": n_bytes, "died_chunk": None, "hp": dict(hp), "scores": []}
+
+
+def registry_view(saved: dict) -> dict:
+  """The `members` section of registry.json, from a population's saved state."""
+  return {"leader": saved["leader"], "slots": list(saved["slots"]),
+          "lineage": list(saved["members"])}

@@ -36,13 +36,13 @@ log = logging.getLogger(__name__)
 MEMBER_AXIS = "member"
 
 
-def member_mesh(size: int, n_devices: int | None = None) -> Mesh:
+def member_mesh(size: int) -> Mesh:
   """A 1-D mesh over as many devices as divide the swarm size (all of them, ideally)."""
   devices = jax.devices()
-  wanted = len(devices) if n_devices is None else n_devices
-  n = max(d for d in range(1, min(wanted, len(devices)) + 1) if size % d == 0)
-  if n < wanted:
-    log.info(f"swarm of {size} on {n} of {wanted} devices (the size must divide evenly)")
+  n = max(d for d in range(1, len(devices) + 1) if size % d == 0)
+  if n < len(devices):
+    log.info(f"swarm of {size} on {n} of {len(devices)} devices (a device holds a whole "
+             f"number of members: make swarm.size a multiple of the device count to use all)")
   return Mesh(np.asarray(devices[:n]), (MEMBER_AXIS,))
 
 
@@ -57,18 +57,16 @@ class SwarmFns(NamedTuple):
   put: Any       # (state, slot, member state) -> state with that slot replaced; state donated
 
 
-def build_swarm(config: Config, vocab_size: int, bos_id: int,
-                n_devices: int | None = None) -> SwarmFns:
+def build_swarm(config: Config, vocab_size: int, bos_id: int) -> SwarmFns:
   """The jitted swarm functions; runs whose configs differ only in PBT settings share them."""
   compiled_alike = dataclasses.replace(config, swarm=SwarmConfig(size=config.swarm.size))
-  return _build_swarm(compiled_alike, vocab_size, bos_id, n_devices)
+  return _build_swarm(compiled_alike, vocab_size, bos_id)
 
 
 @functools.cache
-def _build_swarm(config: Config, vocab_size: int, bos_id: int,
-                 n_devices: int | None) -> SwarmFns:
+def _build_swarm(config: Config, vocab_size: int, bos_id: int) -> SwarmFns:
   predictor, optimizer, step = build(config, vocab_size)
-  mesh = member_mesh(config.swarm.size, n_devices)
+  mesh = member_mesh(config.swarm.size)
   members = NamedSharding(mesh, PartitionSpec(MEMBER_AXIS))
   replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -134,7 +132,8 @@ def _per_member(hp_N: dict[str, np.ndarray]) -> list[dict[str, np.float32]]:
 
 def member_state(state: LearnerState, slot: int) -> LearnerState:
   """One member's state, unstacked: what the single learner's code takes."""
-  return jax.tree.map(lambda x: jnp.asarray(x[slot]), state)
+  # Sliced on the host: an eager slice would compile once per leaf shape.
+  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[slot]), state)
 
 
 class Swarm:
@@ -144,6 +143,14 @@ class Swarm:
     self.config = config
     self.fns = build_swarm(config, vocab_size, bos_id)
     self.population = population(config, saved)
+
+  def place(self, state: LearnerState) -> LearnerState:
+    """A state from elsewhere (a checkpoint) split over the devices as the step expects.
+
+    The member sharding is part of the arrays' type: without it the step would
+    compile a second time.
+    """
+    return jax.device_put(state, self.fns.members)
 
   def observe(self, m: dict, n_bytes: float) -> dict:
     """Books one chunk's per-member metrics; returns the leader's as the run's.
