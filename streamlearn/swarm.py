@@ -92,6 +92,9 @@ def _build_swarm(config: Config, vocab_size: int, bos_id: int) -> SwarmFns:
     return state.replace(rng=jnp.where(copied_N[:, None], keys_Nx2, state.rng), hp=hp_N)
 
   def put(state: LearnerState, slot, member: LearnerState):
+    # lr_scale is the safety net's, not the member's: a newcomer learns at the
+    # rate the last rollback left the swarm at (every member holds the same).
+    member = member.replace(lr_scale=jnp.max(state.lr_scale))
     # The slot is an array, not a constant: any slot, one compilation.
     return jax.tree.map(lambda x, m: x.at[slot].set(m), state, member)
 

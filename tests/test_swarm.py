@@ -12,10 +12,11 @@ import pytest
 
 from streamlearn import Learner
 from streamlearn.checkpoint import Checkpointer, VersionError
-from streamlearn.config import SwarmConfig
+from streamlearn.config import SwarmConfig, config_from_dict
 from streamlearn.learner import build, init_learner
 from streamlearn.pbt import Population
 from streamlearn.run import main
+from streamlearn.session import Session
 from streamlearn.swarm import Swarm, initial_state, member_state
 from swarm_runs import BOS, ROOT, TINY, VOCAB, random_chunk, swarm_config, trajectory
 from safety_runs import assert_same_state, stdlib_text
@@ -215,3 +216,35 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, capsys):
                     member_state(states[0], members["slots"].index(other)))
   with pytest.raises(VersionError, match="not in this version"):
     Learner.load(straight, member=0 if 0 not in members["slots"] else 10_000)
+
+
+def test_nan_updates_in_a_swarm_roll_the_whole_swarm_back(tmp_path):
+  data = tmp_path / "text.txt"
+  data.write_bytes(stdlib_text(2600))
+  run_dir = tmp_path / "run"
+  args = ["--config", TINY, "--data", str(data), "--run-dir", str(run_dir),
+          "--set", "swarm.size=4", "--set", "swarm.interval_bytes=640",
+          "--set", "swarm.grace_bytes=0"]
+  assert main(args + ["--max-bytes", "1280"]) == 0          # versions 0 and 20, members born
+  config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+  born = json.loads((run_dir / "registry.json").read_text())["members"]["lineage"]
+  session = Session.open(config, run_dir=str(run_dir), data=str(data), resume=True)
+  # Every member's updates are non-finite from chunk 21 on, until the rollback.
+  session.state = session.state.replace(
+      params=jax.tree.map(lambda x: x * jnp.nan, session.state.params))
+  assert session.run(max_bytes=640) == 0
+  registry = json.loads((run_dir / "registry.json").read_text())
+  event = registry["events"][-1]
+  assert event["reason"] == "non-finite" and event["to"] == 0   # the base: newest <= 21 - 2
+  members = registry["members"]
+  after = {e["id"]: e for e in members["lineage"]}
+  # The swarm is the base's again; the members born since stay in the lineage, marked.
+  assert all(after[e["id"]].get("rolled_back") for e in born if e["born_chunk"] > 0)
+  assert len(after) >= len(born) and sorted(after) == list(range(len(after)))
+  checkpointer = Checkpointer(run_dir, config.checkpoint)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          initial_state(config, VOCAB, BOS))
+  state = checkpointer.restore(None, abstract)[0]
+  checkpointer.close()
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  np.testing.assert_array_equal(state.lr_scale, np.full(4, 0.5, np.float32))
