@@ -55,12 +55,14 @@ def scale_hparam(name: str, value: float, factor: float) -> float:
 class Population:
   """The swarm's host state: slots, lineage, score windows, the next event."""
 
-  def __init__(self, cfg: SwarmConfig, seed: int, base_hp: dict[str, float],
+  def __init__(self, cfg: SwarmConfig, seed: int, base_hp: dict[str, float] | None = None,
                saved: dict | None = None):
-    self.cfg, self.seed, self.base_hp = cfg, seed, dict(base_hp)
+    """A new population around `base_hp` (the learner's own values), or a saved one."""
+    self.cfg, self.seed = cfg, seed
     if saved is not None:
       self._load(saved)
       return
+    self.base_hp = dict(base_hp)
     N = cfg.size
     rng = np.random.default_rng([seed, 0])
     self.members: dict[int, dict] = {}
@@ -184,13 +186,15 @@ class Population:
     return registry_view(self.to_json())
 
   def to_json(self) -> dict:
-    return {"slots": self.slots, "members": [self.members[m] for m in sorted(self.members)],
+    return {"base_hp": self.base_hp, "slots": self.slots,
+            "members": [self.members[m] for m in sorted(self.members)],
             "next_id": self.next_id, "events": self.events, "next_bytes": self.next_bytes,
             "bits": self.bits_WxN.tolist(), "bytes": self.bytes_WxN.tolist(),
             "leader": self.leader}
 
   def _load(self, saved: dict) -> None:
     N = self.cfg.size
+    self.base_hp = {k: float(v) for k, v in saved["base_hp"].items()}
     self.slots = [int(m) for m in saved["slots"]]
     self.members = {int(e["id"]): dict(e) for e in saved["members"]}
     self.next_id, self.events = int(saved["next_id"]), int(saved["events"])
@@ -201,7 +205,7 @@ class Population:
 
   def rolled_back_to(self, saved: dict) -> "Population":
     """The population of a restored version; members born since stay in the lineage, marked."""
-    restored = Population(self.cfg, self.seed, self.base_hp, saved)
+    restored = Population(self.cfg, self.seed, saved=saved)
     restored.next_id = max(restored.next_id, self.next_id)  # ids are never reused
     for member, entry in self.members.items():
       if member not in restored.members:

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from streamlearn.checkpoint import Checkpointer, VersionError, abstract_like
 from streamlearn.config import Config, SwarmConfig
-from streamlearn.learner import LearnerState, build, init_learner, initial_hparams
+from streamlearn.learner import LearnerState, build, init_learner
 from streamlearn.pbt import Plan, Population
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class SwarmFns(NamedTuple):
 
   mesh: Mesh
   members: NamedSharding  # every state leaf split on its leading (member) axis
-  init: Any      # (seed, hp) -> one member's state, unstacked
+  init: Any      # seed -> one member's state, unstacked, with the learner's own hp
   step: Any      # (state, chunk) -> (state, metrics with a leading N axis); state donated
   exploit: Any   # (state, src_N, copied_N, seed_N, hp_N) -> state; state donated
   put: Any       # (state, slot, member state) -> state with that slot replaced; state donated
@@ -70,10 +70,9 @@ def _build_swarm(config: Config, vocab_size: int, bos_id: int) -> SwarmFns:
   members = NamedSharding(mesh, PartitionSpec(MEMBER_AXIS))
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  def init(seed, hp):
+  def init(seed):
     # The plain learner's init with the seed an array: one compilation serves every member.
-    state = init_learner(predictor, optimizer, seed=seed, bos_id=bos_id)
-    return state.replace(hp=hp)
+    return init_learner(predictor, optimizer, seed=seed, bos_id=bos_id)
 
   def swarm_step(state: LearnerState, chunk):
     # Every member sees the same chunk; the learner's step is the single-learner one.
@@ -108,12 +107,15 @@ def _build_swarm(config: Config, vocab_size: int, bos_id: int) -> SwarmFns:
                   donate_argnums=0))
 
 
-def base_hparams() -> dict[str, float]:
-  return {k: float(v) for k, v in initial_hparams().items()}
+def with_hparams(state: LearnerState, hp: dict[str, float]) -> LearnerState:
+  return state.replace(hp={k: jnp.asarray(v, jnp.float32) for k, v in hp.items()})
 
 
-def population(config: Config, saved: dict | None = None) -> Population:
-  return Population(config.swarm, config.seed, base_hparams(), saved)
+def first_population(config: Config, fns: SwarmFns) -> Population:
+  """The population a new swarm starts with, around the learner's own hp values."""
+  # Read from a real state, not a list here: every key the learner has is explored.
+  base_hp = {k: float(v) for k, v in fns.init(np.int32(config.seed)).hp.items()}
+  return Population(config.swarm, config.seed, base_hp)
 
 
 def initial_state(config: Config, vocab_size: int, bos_id: int) -> LearnerState:
@@ -121,16 +123,12 @@ def initial_state(config: Config, vocab_size: int, bos_id: int) -> LearnerState:
   predictor, optimizer, _ = build(config, vocab_size)
   if config.swarm.size == 1:
     return init_learner(predictor, optimizer, seed=config.seed, bos_id=bos_id)
-  first = population(config)
   fns = build_swarm(config, vocab_size, bos_id)
-  states = [fns.init(seed, hp) for seed, hp in zip(first.seeds_N(), _per_member(first.hp_N()))]
+  first = first_population(config, fns)
+  states = [with_hparams(fns.init(np.int32(first.members[m]["seed"])), first.members[m]["hp"])
+            for m in first.slots]
   stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
   return jax.device_put(stacked, fns.members)
-
-
-def _per_member(hp_N: dict[str, np.ndarray]) -> list[dict[str, np.float32]]:
-  N = len(next(iter(hp_N.values())))
-  return [{k: v[i] for k, v in hp_N.items()} for i in range(N)]
 
 
 def member_state(state: LearnerState, slot: int) -> LearnerState:
@@ -145,7 +143,8 @@ class Swarm:
   def __init__(self, config: Config, vocab_size: int, bos_id: int, saved: dict | None = None):
     self.config = config
     self.fns = build_swarm(config, vocab_size, bos_id)
-    self.population = population(config, saved)
+    self.population = (first_population(config, self.fns) if saved is None
+                       else Population(config.swarm, config.seed, saved=saved))
 
   def place(self, state: LearnerState) -> LearnerState:
     """A state from elsewhere (a checkpoint) split over the devices as the step expects.
@@ -175,20 +174,22 @@ class Swarm:
   def due(self, total_bytes: int) -> bool:
     return self.population.due(total_bytes)
 
-  def evolve(self, state: LearnerState, total_bytes: int, chunk: int) -> tuple[LearnerState, Plan]:
+  def evolve(self, state: LearnerState, total_bytes: int,
+             chunk: int) -> tuple[LearnerState, Plan]:
     """One replacement event on the device; the host work is the plan's few small arrays."""
     plan = self.population.plan(total_bytes, chunk)
     if plan.copied_N.any():
       state = self.fns.exploit(state, plan.src_N, plan.copied_N, plan.seed_N, plan.hp_N)
-    hp_by_slot = _per_member(plan.hp_N)
     for slot in np.flatnonzero(plan.fresh_N):  # rare: one init and one put each
-      member = self.fns.init(plan.seed_N[slot], hp_by_slot[slot])
-      state = self.fns.put(state, np.int32(slot), member)
+      member = self.population.members[self.population.slots[slot]]
+      new = with_hparams(self.fns.init(np.int32(member["seed"])), member["hp"])
+      state = self.fns.put(state, np.int32(slot), new)
     return state, plan
 
   def leader_params(self, state: LearnerState, saved: dict | None = None) -> Any:
     """The leader's parameters (of a version's swarm when `saved` is its record's)."""
-    pop = self.population if saved is None else population(self.config, saved)
+    pop = self.population if saved is None else Population(self.config.swarm, self.config.seed,
+                                                           saved=saved)
     return member_state(state.params, pop.slots.index(pop.leader))
 
   def rolled_back_to(self, saved: dict) -> None:
@@ -207,7 +208,7 @@ def restore_member(checkpointer: Checkpointer, config: Config, vocab_size: int, 
     if str(member) not in ("best", "0"):
       raise VersionError(f"member {member}: this run has one learner (member 0, also best)")
     return state, record, tokenizer
-  pop = population(config, record["swarm"])
+  pop = Population(config.swarm, config.seed, saved=record["swarm"])
   try:
     slot = pop.slot_of(member)
   except (KeyError, ValueError):

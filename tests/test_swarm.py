@@ -126,7 +126,7 @@ def test_replacement_copies_exactly_and_perturbs_within_bounds(rng):
         assert any(abs(ratio - f) < 1e-5 for f in (0.8, 1.2)) or resampled
       else:  # fresh: exactly a new learner from the base with the member's seed
         # (fns.init is init_learner itself, jitted: the first test holds it to that)
-        new = swarm.fns.init(np.int32(entry["seed"]), {"lr": np.float32(1)})
+        new = swarm.fns.init(np.int32(entry["seed"]))
         assert_same_state(got.replace(hp=None), jax.device_get(new).replace(hp=None))
       assert got.hp["lr"] == np.float32(entry["hp"]["lr"])
   assert seen["copy"] and seen["fresh"]
@@ -145,7 +145,7 @@ def test_lineage_stays_consistent_over_many_replacements(rng):
     total += 100
     if pop.due(total):
       pop.plan(total, chunk)
-      pop = Population(cfg, 3, pop.base_hp, json.loads(json.dumps(pop.to_json())))
+      pop = Population(cfg, 3, saved=json.loads(json.dumps(pop.to_json())))
   assert pop.events == 39
   members = pop.members
   assert sorted(members) == list(range(pop.next_id)) and pop.next_id > 40
