@@ -180,7 +180,7 @@ def test_replacements_never_recompile(one_device):
   assert compiles == []
 
 
-def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, capsys):
+def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path):
   data = tmp_path / "text.txt"
   data.write_bytes(stdlib_text(2600))
   args = ["--config", TINY, "--data", str(data), "--set", "swarm.size=4",
