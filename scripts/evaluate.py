@@ -3,7 +3,8 @@
     python scripts/evaluate.py checkpoints/default --data notes/ --max-bytes 200000
     python scripts/evaluate.py runs/a runs/b@2000 --data held_out.txt --prompt "The "
 
-Each RUN_DIR is scored at its latest version, or at RUN_DIR@STEP. For each:
+Each RUN_DIR is scored at its latest version, or at RUN_DIR@STEP; a swarm's run
+by its leader, or by the member --member names. For each:
   frozen    bits/byte with the version's parameters fixed (the recurrent state
             still carries through the data, as in use);
   adaptive  prequential bits/byte while learning online from the data, score
@@ -34,11 +35,11 @@ def parse_target(text: str) -> tuple[Path, int | None]:
 
 
 def evaluate(target: str, data: str, max_bytes: int | None, prompt: str | None,
-             samples: int, sample_tokens: int) -> dict:
+             samples: int, sample_tokens: int, member: str = "best") -> dict:
   run_dir, step = parse_target(target)
   if not (run_dir / "config.json").exists():
     raise SourceError(f"{run_dir}: not a run directory (no config.json)")
-  learner = Learner.load(run_dir, step)
+  learner = Learner.load(run_dir, step, member)
   config, tokenizer = learner.config, learner.tokenizer
 
   def chunks():
@@ -67,12 +68,14 @@ def main(argv=None) -> int:
   parser.add_argument("--prompt", default=None, help="print samples continuing this prompt")
   parser.add_argument("--samples", type=int, default=2)
   parser.add_argument("--sample-tokens", type=int, default=120)
+  parser.add_argument("--member", default="best", metavar="best|ID",
+                      help="which learner of a swarm (default: the leader)")
   args = parser.parse_args(argv)
   rows = []
   for target in args.runs:
     try:
       rows.append(evaluate(target, args.data, args.max_bytes, args.prompt, args.samples,
-                           args.sample_tokens))
+                           args.sample_tokens, args.member))
     except (SourceError, FileNotFoundError) as err:
       print(f"error: {err}", file=sys.stderr)
       return 2

@@ -4,8 +4,9 @@
     python scripts/export.py --run-dir DIR --step 3000 --out model.slm --eval-data held_out.txt
 
 --step: a version number, or `best` (by score); the latest by default.
---member: which learner of a swarm; a run has one (member 0, also `best`)
-until swarms exist. Prints the artifact's size against the version's full
+--member: which learner of a swarm: `best` (the leader: lowest rolling
+bits/byte when the version was saved) or a member id alive in that version; a
+single learner's run has member 0 (also `best`). Prints the artifact's size against the version's full
 checkpoint and, with --eval-data, the bits/byte of the float and the int8
 parameters on that data (frozen, from a fresh recurrent state: as the
 artifact is used). `python -m streamlearn.export FILE --prompt ...` generates.
@@ -21,13 +22,14 @@ from pathlib import Path
 
 import jax
 
-from streamlearn.checkpoint import VERSIONS_DIR, VersionError, abstract_like
+from streamlearn.checkpoint import VERSIONS_DIR, VersionError
 from streamlearn.console import log_to_stderr
 from streamlearn.export import ArtifactError, pack, unpack
-from streamlearn.learner import build, init_learner, make_score
+from streamlearn.learner import build, make_score
 from streamlearn.prequential import score_through
 from streamlearn.sources import SourceError, open_source
 from streamlearn.stream import TokenStream
+from streamlearn.swarm import restore_member
 from streamlearn.tokenizer import tokenizer_from_json
 from streamlearn.versions import open_run
 
@@ -63,16 +65,15 @@ def frozen_bpb(config, tokenizer, params, data: str, max_bytes: int | None) -> f
 
 
 def export(run_dir: str, step: str | None, out: str, eval_data: str | None,
-           eval_bytes: int | None) -> dict:
+           eval_bytes: int | None, member: str = "best") -> dict:
   """Writes the artifact; returns what was measured."""
   run = open_run(run_dir)
   try:
     version = _version(run, step)
     record, tokenizer_json = run.checkpointer.read_record(version)
     tokenizer = tokenizer_from_json(tokenizer_json, f"version {version}")
-    predictor, optimizer, _ = build(run.config, tokenizer.vocab_size)
-    fresh = init_learner(predictor, optimizer, seed=run.config.seed, bos_id=tokenizer.bos_id)
-    state, _, _ = run.checkpointer.restore(version, abstract_like(fresh))
+    state, _, _ = restore_member(run.checkpointer, run.config, tokenizer.vocab_size,
+                                 tokenizer.bos_id, version, member)
   finally:
     run.checkpointer.close()
   config_json = json.loads((run.path / "config.json").read_text(encoding="utf-8"))
@@ -104,12 +105,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--json", default=None, metavar="FILE", help="write the numbers here too")
   args = parser.parse_args(argv)
   log_to_stderr()
-  if args.member not in ("best", "0"):
-    print(f"error: --member {args.member}: this run has one learner (member 0); "
-          f"swarms come later", file=sys.stderr)
-    return 2
   try:
-    report = export(args.run_dir, args.step, args.out, args.eval_data, args.eval_bytes)
+    report = export(args.run_dir, args.step, args.out, args.eval_data, args.eval_bytes,
+                    args.member)
   except (VersionError, ArtifactError, SourceError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

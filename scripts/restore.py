@@ -19,7 +19,7 @@ import time
 
 from streamlearn.checkpoint import BASE_STEP, RunLock, VersionError, abstract_like, move_aside
 from streamlearn.console import log_to_stderr
-from streamlearn.learner import build, init_learner
+from streamlearn.swarm import initial_state
 from streamlearn.tokenizer import tokenizer_from_json
 from streamlearn.versions import open_run
 
@@ -36,8 +36,7 @@ def restore(run_dir: str, step: int, *, reset: bool) -> str:
         tokenizer = tokenizer_from_json(tokenizer_json, f"version {step}")
       except (ValueError, KeyError) as err:
         raise VersionError(f"version {step} has an unreadable tokenizer ({err})") from None
-      predictor, optimizer, _ = build(run.config, tokenizer.vocab_size)
-      fresh = init_learner(predictor, optimizer, seed=run.config.seed, bos_id=tokenizer.bos_id)
+      fresh = initial_state(run.config, tokenizer.vocab_size, tokenizer.bos_id)  # or a swarm
       _, record, _ = run.checkpointer.restore(step, abstract_like(fresh))
       later = [s for s in run.checkpointer.all_steps() if s > step]
     finally:

@@ -6,7 +6,7 @@
     learner.feed(open("notes.txt").read())      # scores, then learns, chunk by chunk
     probs = learner.next_token_probs()          # [vocab]: what it expects next
     print(learner.generate("The ", max_tokens=80, temperature=0.8))
-    learner = Learner.load("checkpoints/default")   # a run's latest version
+    learner = Learner.load("checkpoints/default")   # a run's latest version (a swarm's leader)
 
 Text is learned in whole chunks of `data.chunk_tokens` tokens, like the CLI;
 what is left over waits for the next `feed`, but already counts for
@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamlearn.checkpoint import Checkpointer, abstract_like
+from streamlearn.checkpoint import Checkpointer
 from streamlearn.config import Config, config_from_dict, load_config
 from streamlearn.learner import Carry, Chunk, Predictor, build, init_learner
+from streamlearn.swarm import restore_member
 from streamlearn.tokenizer import Tokenizer, load_tokenizer, make_tokenizer
 
 
@@ -97,16 +98,23 @@ class Learner:
     return cls(cfg, tokenizer)
 
   @classmethod
-  def load(cls, run_dir: str | Path, step: int | None = None) -> "Learner":
-    """The learner of a run directory, at its latest version (or `step`)."""
+  def load(cls, run_dir: str | Path, step: int | None = None,
+           member: str | int = "best") -> "Learner":
+    """The learner of a run directory, at its latest version (or `step`).
+
+    A swarm's run gives one member: `best` (the leader, lowest rolling
+    bits/byte when the version was saved) or a member id alive in that version.
+    """
     run_dir = Path(run_dir)
     config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     tokenizer = load_tokenizer(run_dir)
-    learner = cls(config, tokenizer)
     checkpointer = Checkpointer(run_dir, config.checkpoint)
-    learner.state, _, _ = checkpointer.restore(step, abstract_like(learner.state))
-    checkpointer.close()
-    return learner
+    try:
+      state, _, _ = restore_member(checkpointer, config, tokenizer.vocab_size, tokenizer.bos_id,
+                                   step, member)
+    finally:
+      checkpointer.close()
+    return cls(config, tokenizer, state)
 
   # --- learning -------------------------------------------------------------------------
 

@@ -133,6 +133,20 @@ class CanaryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SwarmConfig:
+  size: int = 1               # learners in one vmapped step (1: the plain single learner)
+  interval_bytes: int = 65_536  # population-based training: replace poor members this often
+  score_chunks: int = 64      # a member's score: its bits/byte over its last this many chunks
+  bottom_quantile: float = 0.25  # this fraction of members (at least one) may be replaced...
+  top_quantile: float = 0.25  # ...each by a copy of one of this fraction (at least one)
+  perturb: tuple[float, ...] = (0.8, 1.2)  # explore: each hyperparameter x one of these
+  resample_prob: float = 0.25  # ...or, with this probability, drawn afresh from the initial range
+  init_spread: float = 2.0    # initial range: base value x [1/spread, spread], log-uniform
+  fresh_prob: float = 0.1     # a replacement is a new member from the base (new seed), not a copy
+  grace_bytes: int = 262_144  # members younger than this are never replaced
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   name: str = "default"       # run name: the run directory is checkpoints/<name>/
   seed: int = 0               # parameter init and every random draw of the run
@@ -147,6 +161,7 @@ class Config:
   delta: DeltaConfig = DeltaConfig()
   replay: ReplayConfig = ReplayConfig()
   canary: CanaryConfig = CanaryConfig()
+  swarm: SwarmConfig = SwarmConfig()
 
 
 # Value checks beyond the type: key -> (predicate, what it must be).
@@ -188,6 +203,15 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "replay.alpha": _NON_NEGATIVE, "replay.beta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "replay.weight": _NON_NEGATIVE,
     "canary.every_chunks": _POSITIVE, "canary.max_bytes": _POSITIVE,
+    "swarm.size": _POSITIVE, "swarm.interval_bytes": _POSITIVE, "swarm.score_chunks": _POSITIVE,
+    "swarm.bottom_quantile": (lambda v: 0 < v <= 0.5, "in (0, 0.5]"),
+    "swarm.top_quantile": (lambda v: 0 < v <= 0.5, "in (0, 0.5]"),
+    "swarm.perturb": (lambda v: len(v) > 0 and all(f > 0 for f in v),
+                      "a non-empty list of positive numbers"),
+    "swarm.resample_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "swarm.init_spread": (lambda v: v >= 1, ">= 1"),
+    "swarm.fresh_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "swarm.grace_bytes": _NON_NEGATIVE,
 }
 
 

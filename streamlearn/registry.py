@@ -4,7 +4,9 @@
      "original_base": 0, "current_base": 0,
      "versions": [{step, time, bytes, tokens, chunks, learner_step, scores, parent,
                    lr_scale, status, path}],
-     "events": [{kind, time, ...}]}
+     "events": [{kind, time, ...}],
+     "members": {leader, slots, lineage: [{id, parent, kind, seed, born_chunk,
+                 born_bytes, died_chunk, hp, scores}]}}   (swarms only)
 
 A version's status: "kept" (in versions/; `rolled_back` when a rollback went
 back past it), "rotated" (deleted by the keep policy), or "aside" (moved to
@@ -12,7 +14,9 @@ aside/ by a restore or as unreadable; `path` says where). A step number may
 recur in a later line after a restore, so the entries are a list.
 `current_base` is the version later learning is measured against (a
 KL-to-base, say): the original base, version 0, until something promotes
-another (nothing does yet).
+another (nothing does yet). `members` is a swarm's family tree (pbt.py): which
+member holds each slot, the leader, and every member that ever lived — its
+parent (None: from the base), birth, hyperparameters and score at each event.
 
 The checkpoints are the truth: every field of a version entry is also in the
 version's own record, so the registry is brought in line with versions/ each
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from streamlearn.checkpoint import BASE_STEP, VersionError
+from streamlearn.pbt import registry_view
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,8 @@ class Registry:
       if rebuilt:  # each version's record carries every event before it
         self.data["events"] = _merge_events(self.data["events"], record.get("events", []))
         self.mark_rolled_back(record.get("discarded", []))
+        if "swarm" in record:  # oldest first: the newest version's lineage stays
+          self.set_members(registry_view(record["swarm"]))
 
   # --- updates -----------------------------------------------------------------------------
 
@@ -103,6 +110,10 @@ class Registry:
         entry["status"] = "replaced"
     self.data["versions"].append(entry_from_record(step, record))
     self.data["versions"].sort(key=lambda e: e["step"])
+
+  def set_members(self, members: dict) -> None:
+    """A swarm's lineage (pbt.registry_view), replacing the previous one."""
+    self.data["members"] = members
 
   def add_event(self, event: dict) -> None:
     self.data["events"].append(event)

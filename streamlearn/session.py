@@ -18,25 +18,28 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from streamlearn.canary import Canaries, CanaryError
 from streamlearn.checkpoint import (Checkpointer, RunLock, VersionError, abstract_like,
                                     move_aside)
 from streamlearn.config import Config, config_to_dict
 from streamlearn.console import Interrupts, Progress, human_bytes
-from streamlearn.learner import LearnerState, build, init_learner, make_score
+from streamlearn.learner import LearnerState, build, make_score
 from streamlearn.prequential import Totals, device_chunk, score_through
 from streamlearn.registry import Registry
 from streamlearn.safety import Alarm, Guard, lowered_lr_scale, rollback_candidates
 from streamlearn.sources import Block, Source, SourceError, open_source
 from streamlearn.stream import HostChunk, TokenStream
+from streamlearn.swarm import Swarm, initial_state, member_state
 from streamlearn.tokenizer import Tokenizer, load_tokenizer, make_tokenizer, tokenizer_from_json
 
 log = logging.getLogger("streamlearn.run")
 
 CONFIG_FILE = "config.json"
 # Sections that fix the shapes of the state: a resumed run must keep them.
-_FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens", "delta", "replay")
+_FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens", "delta", "replay",
+                     "swarm.size")
 
 # TensorBoard tags of the step's metrics beyond the prequential score (delta learner).
 _TAGS = {"forecast_bits": "delta/forecast_bits_per_token", "forecast_agreement": "delta/agreement",
@@ -112,7 +115,15 @@ class Session:
     self.events: list[dict] = list(record.get("events", []))
     self.discarded: set[int] = set(record.get("discarded", []))
     self.parent = parent
+    # swarm.size > 1: the state is stacked, the step vmapped, and the population
+    # (scores, lineage, the next replacement) is carried in every version's record.
+    self.swarm = None
+    if config.swarm.size > 1:
+      self.swarm = Swarm(config, tokenizer.vocab_size, tokenizer.bos_id, record.get("swarm"))
+      self.step_fn = self.swarm.fns.step
+      self.state = self.swarm.place(state)
     self.registry = Registry.open(run_dir, self.checkpointer.all_steps(), self._read_record)
+    self._set_members()
     if set_aside is not None:  # unreadable versions the resume moved out of the way
       self.registry.mark_aside(*set_aside)
       self.registry.add_event({"kind": "set_aside_unreadable", "time": time.time(),
@@ -167,11 +178,15 @@ class Session:
   @classmethod
   def _from_base(cls, config: Config, run_dir: Path, source: Source, tokenizer: Tokenizer,
                  lock: RunLock) -> "Session":
-    predictor, optimizer, _ = build(config, tokenizer.vocab_size)
-    state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+    state = initial_state(config, tokenizer.vocab_size, tokenizer.bos_id)
     if config.delta.base and state.delta is not None and state.delta.base is not None:
-      state = state.replace(delta=state.delta.replace(
-          base=_named_base(config.delta.base, state.params)))
+      if config.swarm.size == 1:
+        base = _named_base(config.delta.base, state.params)
+      else:  # every member is guarded by the same model (the session places the copies)
+        base = jax.tree.map(
+            lambda x: np.broadcast_to(np.asarray(x), (config.swarm.size,) + x.shape).copy(),
+            _named_base(config.delta.base, member_state(state.params, 0)))
+      state = state.replace(delta=state.delta.replace(base=base))
     return cls(config, run_dir, source, tokenizer, state, None, Totals(), lock)
 
   @classmethod
@@ -186,8 +201,7 @@ class Session:
       checkpointer.close()
       log.warning(f"warning: {run_dir} has no complete version yet; starting from the base")
       return cls._from_base(config, run_dir, source, tokenizer, lock)
-    predictor, optimizer, _ = build(config, tokenizer.vocab_size)
-    fresh = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
+    fresh = initial_state(config, tokenizer.vocab_size, tokenizer.bos_id)
     try:
       got = checkpointer.restore_newest(abstract_like(fresh))
     except VersionError as err:
@@ -223,10 +237,14 @@ class Session:
     running = running if math.isfinite(running) else None  # JSON has no NaN
     record = {"position": position, "totals": dataclasses.asdict(self.totals),
               "source": self.source.name, "time": time.time(), "parent": self.parent,
-              "learner_step": int(host_state.step), "lr_scale": float(host_state.lr_scale),
+              # A swarm's members each have theirs: the most advanced, the highest.
+              "learner_step": int(np.max(host_state.step)),
+              "lr_scale": float(np.max(host_state.lr_scale)),
               "scores": {"score": score, "running_bpb": running},
               "safety": self.guard.to_json(), "events": self.events,
               "discarded": sorted(self.discarded)}
+    if self.swarm is not None:
+      record["swarm"] = self.swarm.to_json()
     tokenizer_json = json.loads((self.run_dir / "tokenizer.json").read_text())
     self.checkpointer.save(step, host_state, record, tokenizer_json, score)
     self._unregistered = (step, record)
@@ -239,7 +257,12 @@ class Session:
       self.registry.add_version(*self._unregistered)
       self._unregistered = None
     self.registry.sync(self.checkpointer.all_steps(), self._read_record)
+    self._set_members()
     self.registry.write()
+
+  def _set_members(self) -> None:
+    if self.swarm is not None:
+      self.registry.set_members(self.swarm.population.registry_view())
 
   def _stream(self, start: dict | None, max_bytes: int | None) -> TokenStream:
     return TokenStream(self.source, self.tokenizer, self.config.data.chunk_tokens,
@@ -280,11 +303,16 @@ class Session:
           alarm = self._record(*in_flight, progress, clock) if in_flight is not None else None
           in_flight, position = (metrics, chunk), chunk.position
           due = self.totals.chunks + 1 - (self.last_saved or 0) >= config.checkpoint.every_chunks
-          if alarm is not None or due:
+          # A swarm's replacements come after the step of the chunk that crosses the
+          # interval, with every score up to it booked: the same point on a resume.
+          evolve = self.swarm is not None and self.swarm.due(self.totals.bytes + chunk.n_bytes)
+          if alarm is not None or due or evolve:
             last = self._record(*in_flight, progress, clock)
             alarm = alarm or last
             in_flight = None
             restored = self._rollback(alarm, position, token_stream) if alarm else None
+            if evolve and restored is None and not self.stopped:
+              self._evolve()
             if restored is not None or due:  # a rollback is saved at once
               position = restored or position
               self.last_saved = self._save(position)
@@ -313,6 +341,8 @@ class Session:
   def _record(self, metrics, chunk: HostChunk, progress, clock) -> Alarm | None:
     """Books one chunk's metrics; returns the alarm they raise, if any."""
     m = jax.device_get(metrics)
+    if self.swarm is not None:  # every member booked; the run goes by the leader's numbers
+      m = self.swarm.observe(m, chunk.n_bytes)
     skipped = bool(m["skipped"])
     self.totals.bytes += chunk.n_bytes
     self.totals.tokens += chunk.n_tokens
@@ -340,17 +370,30 @@ class Session:
       for key, tag in _TAGS.items():
         if key in m:
           writer.add_scalar(tag, float(m[key]), step)
+      if self.swarm is not None:
+        self.swarm.log(writer, step)
     if self.canaries.due(step):
       self._score_canaries(step)
     progress.update(self._progress_text(clock))
     return alarm
 
   def _score_canaries(self, step: int) -> None:
+    """Each canary's bits/byte under the current (a swarm's: the leader's) parameters."""
     if self._score_fn is None:
       self._score_fn = make_score(self.predictor)
+    params = self.state.params if self.swarm is None else self.swarm.leader_params(self.state)
     empty = self.predictor.init_carry(1, self.tokenizer.bos_id)
-    for name, bpb in self.canaries.score(self._score_fn, self.state.params, empty).items():
+    for name, bpb in self.canaries.score(self._score_fn, params, empty).items():
       self._writer.add_scalar(f"canary/{name}/bits_per_byte", bpb, step)
+
+  def _evolve(self) -> None:
+    """One population-based-training event: poor members replaced on the device."""
+    self.state, plan = self.swarm.evolve(self.state, self.totals.bytes, self.totals.chunks)
+    replaced = int(plan.copied_N.sum() + plan.fresh_N.sum())
+    self._writer.add_scalar("swarm/replaced", replaced, self.totals.chunks)
+    if replaced:
+      self._set_members()
+      self.registry.write()
 
   # --- the safety net ---------------------------------------------------------------------
 
@@ -371,9 +414,9 @@ class Session:
       log.error(f"error: rollback at chunk {alarm.chunk:,} ({alarm.detail}) impossible: {err}")
       self.failed = self.stopped = True
       return None
-    if alarm.reason == "spike" and not self._confirmed(alarm, got.step, got.state):
+    if alarm.reason == "spike" and not self._confirmed(alarm, got.step, *self._judged(got)):
       return None
-    lr_scale = lowered_lr_scale(float(self.state.lr_scale), cfg)
+    lr_scale = lowered_lr_scale(float(np.max(self.state.lr_scale)), cfg)
     discarded = [s for s in steps if s > got.step]
     event = {"kind": "rollback", "time": time.time(), "reason": alarm.reason,
              "detail": alarm.detail, "chunk": alarm.chunk, "to": got.step,
@@ -383,7 +426,11 @@ class Session:
                 f"{got.step}, learning rate x{lr_scale:g}")
     self._writer.add_scalar("safety/rollback_to", got.step, alarm.chunk)
     self._writer.add_text("safety/events", json.dumps(event), alarm.chunk)
-    self.state = got.state.replace(lr_scale=jnp.asarray(lr_scale, jnp.float32))
+    self.state = got.state.replace(
+        lr_scale=jnp.full(np.shape(got.state.lr_scale), lr_scale, jnp.float32))
+    if self.swarm is not None:  # the whole swarm goes back; member ids are never reused
+      self.swarm.rolled_back_to(got.record["swarm"])
+      self.state = self.swarm.place(self.state)
     self.guard.reset()
     self.events.append(event)
     self.parent = got.step
@@ -403,14 +450,21 @@ class Session:
     self.registry.write()
     return position
 
-  def _confirmed(self, alarm: Alarm, step: int, candidate) -> bool:
+  def _judged(self, got) -> tuple:
+    """(current, version's) parameters a spike is judged by: a swarm's, its leaders'."""
+    if self.swarm is None:
+      return self.state.params, got.state.params
+    return (self.swarm.leader_params(self.state),
+            self.swarm.leader_params(got.state, got.record["swarm"]))
+
+  def _confirmed(self, alarm: Alarm, step: int, params_now, params_then) -> bool:
     """Whether version `step`'s parameters predict the alarm's chunks clearly better than now."""
     if self._score_fn is None:
       self._score_fn = make_score(self.predictor)
     # Both frozen, both from an empty carry: neither gains from context the other lacks.
     carry = self.predictor.init_carry(1, self.tokenizer.bos_id)
-    now = score_through(self._score_fn, self.state.params, carry, alarm.window).bits_per_byte
-    then = score_through(self._score_fn, candidate.params, carry, alarm.window).bits_per_byte
+    now = score_through(self._score_fn, params_now, carry, alarm.window).bits_per_byte
+    then = score_through(self._score_fn, params_then, carry, alarm.window).bits_per_byte
     if then * (1.0 + self.config.safety.spike_fraction / 2) < now:
       return True
     event = {"kind": "spike_ignored", "time": time.time(), "detail": alarm.detail,

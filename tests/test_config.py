@@ -67,6 +67,10 @@ def test_ints_are_accepted_for_floats():
     (["match.orders=[4, 4]"], r"^match\.orders: must be a non-empty list of distinct positive"),
     (["match.history_log2=9"], r"^match\.history_log2: 2\^9 tokens of history is too short "
                                r"for data\.chunk_tokens = 256"),
+    (["swarm.size=0"], r"^swarm\.size: must be > 0"),
+    (["swarm.top_quantile=0.6"], r"^swarm\.top_quantile: must be in \(0, 0\.5\]"),
+    (["swarm.perturb=[]"], r"^swarm\.perturb: must be a non-empty list of positive numbers"),
+    (["swarm.fresh_prob=1.5"], r"^swarm\.fresh_prob: must be in \[0, 1\]"),
 ])
 def test_bad_values_name_the_key(overrides, message):
   with pytest.raises(ConfigError, match=message) as info:

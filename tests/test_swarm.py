@@ -1,0 +1,250 @@
+"""The µLM swarm: vmapped step, PBT replacement, lineage, compilations, sharding, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from streamlearn import Learner
+from streamlearn.checkpoint import Checkpointer, VersionError
+from streamlearn.config import SwarmConfig, config_from_dict
+from streamlearn.learner import build, init_learner
+from streamlearn.pbt import Population
+from streamlearn.run import main
+from streamlearn.session import Session
+from streamlearn.swarm import Swarm, initial_state, member_state
+from swarm_runs import BOS, ROOT, TINY, VOCAB, random_chunk, swarm_config, trajectory
+from safety_runs import assert_same_state, stdlib_text
+
+pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+
+
+def close(a, b, **tol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+  """The same trajectory over 4 forced CPU devices, in a child process (XLA flags must be
+  set before JAX starts); it runs while this process computes its own."""
+  out = tmp_path_factory.mktemp("sharded") / "sharded.npz"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+  child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "swarm_runs.py"), str(out)],
+                           env=env, stderr=subprocess.PIPE, text=True)
+
+  def result():
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    return np.load(out)
+
+  yield result
+  if child.poll() is None:
+    child.kill()
+    child.wait()
+
+
+def test_sharded_over_four_devices_equals_one_device(sharded, one_device):
+  state, bits_KxN, _, plans, devices = one_device
+  sharded = sharded()
+  assert devices == 1 and int(sharded["devices"]) == 4
+  assert int(sharded["fresh"]) == sum(int(p.fresh_N.sum()) for p in plans) > 0
+  assert int(sharded["copied"]) == sum(int(p.copied_N.sum()) for p in plans) > 0
+  np.testing.assert_allclose(sharded["bits"], bits_KxN, rtol=1e-5)
+  for i, leaf in enumerate(jax.tree.leaves(state)):
+    np.testing.assert_allclose(sharded[f"leaf{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  """The 6-chunk trajectory on this process's one device (compiles every swarm function)."""
+  return trajectory(6)
+
+
+def test_member_zero_is_the_plain_learner_and_the_vmapped_step_is_n_steps(rng):
+  config = swarm_config()
+  predictor, optimizer, step = build(config, VOCAB)
+  swarm = initial_state(config, VOCAB, BOS)
+  # Member 0 is exactly what a run of one learner starts from: the run's seed, base values.
+  assert_same_state(jax.device_get(member_state(swarm, 0)),
+                    jax.device_get(init_learner(predictor, optimizer, seed=config.seed,
+                                                bos_id=BOS)))
+  assert len(set(np.asarray(swarm.hp["lr"]).tolist())) == 4  # each member its own lr
+  singles = [member_state(swarm, i) for i in range(4)]
+  fns = Swarm(config, VOCAB, BOS).fns
+  for _ in range(3):
+    chunk = random_chunk(rng)
+    swarm, metrics = fns.step(swarm, chunk)
+    for i in range(4):
+      singles[i], single_metrics = step(singles[i], chunk)
+      for key in ("bits", "grad_norm", "learning_rate"):
+        np.testing.assert_allclose(metrics[key][i], single_metrics[key], rtol=2e-5)
+  for i in range(4):
+    close(member_state(swarm, i), singles[i], rtol=2e-4, atol=2e-6)
+
+
+def test_replacement_copies_exactly_and_perturbs_within_bounds(rng):
+  config = swarm_config("swarm.fresh_prob=0.3")
+  swarm = Swarm(config, VOCAB, BOS)
+  state = initial_state(config, VOCAB, BOS)
+  state, _ = swarm.fns.step(state, random_chunk(rng))
+  pop = swarm.population
+  seen = {"copy": 0, "fresh": 0}
+  for event in range(1, 7):
+    # Made-up scores with a known order, so the test knows who must go and who may be copied.
+    order_N = rng.permutation(4)
+    pop.bits_WxN = np.tile(100.0 + order_N, (4, 1))
+    pop.bytes_WxN = np.full((4, 4), 100.0)
+    before = jax.device_get(state)
+    old_hp = pop.hp_N()
+    old_slots = list(pop.slots)
+    state, plan = swarm.evolve(state, 128 * event, 10 * event)
+    after = jax.device_get(state)
+    worst, best = int(np.argmax(order_N)), int(np.argmin(order_N))
+    assert pop.slots[worst] != old_slots[worst] and pop.slots[best] == old_slots[best]
+    for slot in range(4):
+      got = member_state(after, slot)
+      if pop.slots[slot] == old_slots[slot]:  # kept: untouched
+        assert_same_state(got, member_state(before, slot))
+        continue
+      entry = pop.members[pop.slots[slot]]
+      seen[entry["kind"]] += 1
+      assert np.array_equal(got.rng, jax.random.PRNGKey(entry["seed"]))
+      if entry["kind"] == "copy":
+        src = int(plan.src_N[slot])
+        assert src == best and entry["parent"] == old_slots[src]
+        assert_same_state(got.replace(rng=None, hp=None),
+                          member_state(before, src).replace(rng=None, hp=None))
+        ratio = entry["hp"]["lr"] / old_hp["lr"][src]
+        resampled = 0.5 - 1e-6 <= entry["hp"]["lr"] <= 2.0 + 1e-6  # initial range, spread 2
+        assert any(abs(ratio - f) < 1e-5 for f in (0.8, 1.2)) or resampled
+      else:  # fresh: exactly a new learner from the base with the member's seed
+        # (fns.init is init_learner itself, jitted: the first test holds it to that)
+        new = swarm.fns.init(np.int32(entry["seed"]))
+        assert_same_state(got.replace(hp=None), jax.device_get(new).replace(hp=None))
+      assert got.hp["lr"] == np.float32(entry["hp"]["lr"])
+  assert seen["copy"] and seen["fresh"]
+
+
+def test_lineage_stays_consistent_over_many_replacements(rng):
+  cfg = SwarmConfig(size=8, interval_bytes=1000, grace_bytes=1500, fresh_prob=0.2,
+                    score_chunks=5)
+  # Any hyperparameter the learner grows is handled alike; *_decay stays in (0, 1), 0 stays 0.
+  pop = Population(cfg, seed=3, base_hp={"lr": 1.0, "ema_decay": 0.99, "kl": 0.0})
+  total = 0
+  for chunk in range(1, 400):
+    bits_N = rng.uniform(100, 200, 8)
+    bits_N[rng.integers(8)] = np.nan if rng.random() < 0.05 else bits_N[0]
+    pop.observe(bits_N, 100.0, rng.random(8) < 0.02)
+    total += 100
+    if pop.due(total):
+      pop.plan(total, chunk)
+      pop = Population(cfg, 3, saved=json.loads(json.dumps(pop.to_json())))
+  assert pop.events == 39
+  members = pop.members
+  assert sorted(members) == list(range(pop.next_id)) and pop.next_id > 40
+  alive = [m for m, e in members.items() if e["died_chunk"] is None]
+  assert sorted(alive) == sorted(pop.slots) and pop.leader in pop.slots
+  for e in members.values():
+    assert 0 < e["hp"]["ema_decay"] < 1 and e["hp"]["kl"] == 0.0 and e["hp"]["lr"] > 0
+    assert e["died_chunk"] is None or e["died_chunk"] > e["born_chunk"]
+    if e["kind"] == "copy":  # the parent was alive at the child's birth, and older
+      parent = members[e["parent"]]
+      assert parent["born_chunk"] < e["born_chunk"]
+      assert parent["died_chunk"] is None or parent["died_chunk"] > e["born_chunk"]
+    else:
+      assert e["parent"] is None and e["kind"] in ("base", "initial", "fresh")
+  # The grace period: nobody died younger than grace_bytes (15 chunks of 100 bytes).
+  assert all(e["died_chunk"] - e["born_chunk"] >= 15 for e in members.values()
+             if e["died_chunk"] is not None)
+
+
+def test_replacements_never_recompile(one_device):
+  compiles = []
+  listener = lambda event, duration, **_: compiles.append(event) if "backend_compile" in event \
+      else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    _, _, population, plans, _ = trajectory(16, data_seed=11)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  replaced = {int(s) for p in plans for s in np.flatnonzero(p.copied_N | p.fresh_N)}
+  assert len(plans) == 8 and len(replaced) >= 2
+  assert any(p.fresh_N.any() for p in plans) and any(p.copied_N.any() for p in plans)
+  assert compiles == []
+
+
+def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path):
+  data = tmp_path / "text.txt"
+  data.write_bytes(stdlib_text(2600))
+  args = ["--config", TINY, "--data", str(data), "--set", "swarm.size=4",
+          "--set", "swarm.interval_bytes=640", "--set", "swarm.grace_bytes=0",
+          "--set", "swarm.fresh_prob=0.3"]
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  assert main(args + ["--run-dir", str(straight)]) == 0
+  assert main(args + ["--run-dir", str(split), "--max-bytes", "1280"]) == 0
+  assert main(args + ["--run-dir", str(split), "--resume"]) == 0
+  registry = json.loads((straight / "registry.json").read_text())
+  members = registry["members"]
+  kinds = [e["kind"] for e in members["lineage"]]
+  assert kinds.count("copy") >= 2 and len(members["lineage"]) > 4
+  # A resumed swarm is the uninterrupted one: same members, same state.
+  split_members = json.loads((split / "registry.json").read_text())["members"]
+  assert split_members == members
+  config = swarm_config()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          initial_state(config, VOCAB, BOS))
+  states = []
+  for run_dir in (straight, split):
+    checkpointer = Checkpointer(run_dir, config.checkpoint)
+    states.append(checkpointer.restore(None, abstract)[0])
+    checkpointer.close()
+  assert_same_state(*states)
+  tb = b"".join(p.read_bytes() for p in (straight / "tb").glob("events.out.tfevents.*"))
+  assert b"swarm/leader" in tb and f"swarm/member_{members['leader']}/".encode() in tb
+  # The API, evaluate and export take the leader by default, any living member by id.
+  leader = members["slots"].index(members["leader"])
+  assert_same_state(Learner.load(straight).state, member_state(states[0], leader))
+  other = members["slots"][(leader + 1) % 4]
+  assert_same_state(Learner.load(straight, member=other).state,
+                    member_state(states[0], members["slots"].index(other)))
+  with pytest.raises(VersionError, match="not in this version"):
+    Learner.load(straight, member=0 if 0 not in members["slots"] else 10_000)
+
+
+def test_nan_updates_in_a_swarm_roll_the_whole_swarm_back(tmp_path):
+  data = tmp_path / "text.txt"
+  data.write_bytes(stdlib_text(2600))
+  run_dir = tmp_path / "run"
+  args = ["--config", TINY, "--data", str(data), "--run-dir", str(run_dir),
+          "--set", "swarm.size=4", "--set", "swarm.interval_bytes=640",
+          "--set", "swarm.grace_bytes=0"]
+  assert main(args + ["--max-bytes", "1280"]) == 0          # versions 0 and 20, members born
+  config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+  born = json.loads((run_dir / "registry.json").read_text())["members"]["lineage"]
+  session = Session.open(config, run_dir=str(run_dir), data=str(data), resume=True)
+  # Every member's updates are non-finite from chunk 21 on, until the rollback.
+  session.state = session.state.replace(
+      params=jax.tree.map(lambda x: x * jnp.nan, session.state.params))
+  assert session.run(max_bytes=640) == 0
+  registry = json.loads((run_dir / "registry.json").read_text())
+  event = registry["events"][-1]
+  assert event["reason"] == "non-finite" and event["to"] == 0   # the base: newest <= 21 - 2
+  members = registry["members"]
+  after = {e["id"]: e for e in members["lineage"]}
+  # The swarm is the base's again; the members born since stay in the lineage, marked.
+  assert all(after[e["id"]].get("rolled_back") for e in born if e["born_chunk"] > 0)
+  assert len(after) >= len(born) and sorted(after) == list(range(len(after)))
+  checkpointer = Checkpointer(run_dir, config.checkpoint)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          initial_state(config, VOCAB, BOS))
+  state = checkpointer.restore(None, abstract)[0]
+  checkpointer.close()
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  np.testing.assert_array_equal(state.lr_scale, np.full(4, 0.5, np.float32))
