@@ -308,9 +308,11 @@ def config_from_dict(table: dict, overrides: list[str] = ()) -> Config:
 def _check_across(config: Config) -> None:
   """Checks that involve more than one key."""
   match, T = config.match, config.data.chunk_tokens
-  for key, value in (("delta.forecast_tokens", config.delta.forecast_tokens),
-                     ("replay.tokens", config.replay.tokens)):
-    if value > T:
+  # Only parts that are on: a smaller chunk must not need the defaults of parts that are off.
+  for key, value, on in (("delta.forecast_tokens", config.delta.forecast_tokens,
+                          config.delta.lag >= 1),
+                         ("replay.tokens", config.replay.tokens, config.replay.capacity > 0)):
+    if on and value > T:
       raise ConfigError(f"{key}: {value} is more than data.chunk_tokens = {T}")
   delta = config.delta
   if delta.lag == 0 and (delta.gate or delta.residual):

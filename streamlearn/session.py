@@ -25,7 +25,7 @@ from streamlearn.checkpoint import (Checkpointer, RunLock, VersionError, abstrac
                                     move_aside)
 from streamlearn.config import Config, config_to_dict
 from streamlearn.console import Interrupts, Progress, human_bytes
-from streamlearn.learner import LearnerState, build, make_score
+from streamlearn.learner import LearnerState, build, init_learner, make_score
 from streamlearn.prequential import Totals, device_chunk, score_through
 from streamlearn.registry import Registry
 from streamlearn.safety import Alarm, Guard, lowered_lr_scale, rollback_candidates

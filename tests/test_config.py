@@ -12,7 +12,7 @@ from streamlearn.model import PRESETS
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "gpu"])
+@pytest.mark.parametrize("name", ["default", "full", "tiny", "gpu"])
 def test_shipped_configs_load(name):
   config = load_config(CONFIGS / f"{name}.toml")
   assert config.name == name
@@ -71,6 +71,12 @@ def test_ints_are_accepted_for_floats():
     (["swarm.top_quantile=0.6"], r"^swarm\.top_quantile: must be in \(0, 0\.5\]"),
     (["swarm.perturb=[]"], r"^swarm\.perturb: must be a non-empty list of positive numbers"),
     (["swarm.fresh_prob=1.5"], r"^swarm\.fresh_prob: must be in \[0, 1\]"),
+    (["delta.ema_decay=1"], r"^delta\.ema_decay: must be in \(0, 1\)"),
+    (["delta.gate=true"], r"^delta\.gate: needs a forecast, and delta\.lag = 0 makes none"),
+    (["replay.capacity=8", "replay.tokens=300"],
+     r"^replay\.tokens: 300 is more than data\.chunk_tokens = 256$"),
+    (["delta.lag=1", "data.chunk_tokens=16"],
+     r"^delta\.forecast_tokens: 32 is more than data\.chunk_tokens = 16$"),
 ])
 def test_bad_values_name_the_key(overrides, message):
   with pytest.raises(ConfigError, match=message) as info:

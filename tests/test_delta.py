@@ -239,14 +239,14 @@ def _tags(run_dir: Path) -> bytes:
 def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_base(tmp_path, caplog,
                                                                                capsys):
   caplog.set_level("INFO", logger="streamlearn")
-  text = b"".join(Path(m.__file__).read_bytes()[:3000] for m in (json_module, pathlib_module))
+  text = b"".join(Path(m.__file__).read_bytes()[:1500] for m in (json_module, pathlib_module))
   (tmp_path / "text.txt").write_bytes(text)
   sets = [x for o in FULL for x in ("--set", o)] + [
-      "--set", f'canary.paths=["{tmp_path / "text.txt"}@4000:5000"]', "--set",
+      "--set", f'canary.paths=["{tmp_path / "text.txt"}@0:600"]', "--set",
       "canary.every_chunks=10"]
   first = tmp_path / "first"
   args = ["--config", TINY, "--data", str(tmp_path / "text.txt"), *sets]
-  assert main(args + ["--run-dir", str(first), "--max-bytes", "1500"]) == 0
+  assert main(args + ["--run-dir", str(first), "--max-bytes", "1000"]) == 0
   assert main(args + ["--run-dir", str(first), "--resume"]) == 0
   assert "resuming" in caplog.text
   tags = _tags(first)
@@ -256,7 +256,7 @@ def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_base(
     assert tag in tags, tag
   # A new run guarded by the first one's model.
   second = tmp_path / "second"
-  assert main(args + ["--run-dir", str(second), "--max-bytes", "600",
+  assert main(args + ["--run-dir", str(second), "--max-bytes", "300",
                       "--set", f"delta.base={first}"]) == 0
   capsys.readouterr()
   assert main(args + ["--run-dir", str(tmp_path / "third"), "--set",
