@@ -33,7 +33,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
 from streamlearn import replay as replay_lib
 from streamlearn.config import DeltaConfig, ReplayConfig
@@ -210,7 +209,7 @@ def n_real(mask_BxT):
 
 def init_delta(spec: DeltaSpec, lm: LM, params, rec_state, batch: int) -> DeltaState:
   """The delta learner's state before the stream: teacher = base = the starting parameters."""
-  T, V = spec.chunk_tokens, lm.vocab_size
+  V = lm.vocab_size
   ring = pending = None
   if spec.forecasting:
     K = spec.delta.forecast_tokens

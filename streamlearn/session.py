@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,18 +24,19 @@ from streamlearn.checkpoint import (Checkpointer, RunLock, VersionError, abstrac
                                     move_aside)
 from streamlearn.config import Config, config_to_dict
 from streamlearn.console import Interrupts, Progress, human_bytes
-from streamlearn.learner import LearnerState, build, init_learner, make_score
+from streamlearn.learner import LearnerState, build, make_score
 from streamlearn.prequential import Totals, device_chunk, score_through
 from streamlearn.registry import Registry
 from streamlearn.safety import Alarm, Guard, lowered_lr_scale, rollback_candidates
-from streamlearn.sources import Block, Source, SourceError, open_source
+from streamlearn.sources import Source, SourceError, open_source
 from streamlearn.stream import HostChunk, TokenStream
 from streamlearn.swarm import Swarm, initial_state, member_state
-from streamlearn.tokenizer import Tokenizer, load_tokenizer, make_tokenizer, tokenizer_from_json
+from streamlearn.run_files import (CONFIG_FILE, RunError, check_same, lock_run, named_base, read_prefix,
+                                   run_tokenizer, write_atomic)
+from streamlearn.tokenizer import Tokenizer, make_tokenizer
 
 log = logging.getLogger("streamlearn.run")
 
-CONFIG_FILE = "config.json"
 # Sections that fix the shapes of the state: a resumed run must keep them.
 _FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens", "delta", "replay",
                      "swarm.size")
@@ -50,50 +50,6 @@ _TAGS = {"forecast_bits": "delta/forecast_bits_per_token", "forecast_agreement":
          "replay_bits": "replay/sampled_bits_per_token", "replay_fill": "replay/fill",
          "replay_priority_mean": "replay/priority_mean",
          "replay_priority_max": "replay/priority_max"}
-
-
-class RunError(RuntimeError):
-  """A run that cannot start or continue; the message is one line."""
-
-
-class _ReplaySource(Source):
-  """A source whose first blocks were already read (for BPE warm-up); replays them."""
-
-  def __init__(self, inner: Source, first_blocks: list[Block], rest):
-    super().__init__(inner.name, block_bytes=inner.block_bytes)
-    self.inner, self.first_blocks, self.rest = inner, first_blocks, rest
-    self.skipped = inner.skipped
-
-  def blocks(self, start=None):
-    if start is not None:
-      return self.inner.blocks(start)
-    return self._replay()
-
-  def _replay(self):
-    yield from self.first_blocks
-    yield from self.rest
-
-
-def _read_prefix(source: Source, n_bytes: int) -> tuple[bytes, Source]:
-  """The first n_bytes of a source, and a source that still yields them first."""
-  blocks, total = [], 0
-  iterator = source.blocks()
-  for block in iterator:
-    blocks.append(block)
-    total += len(block.data)
-    if total >= n_bytes:
-      break
-  data = b"".join(b.data for b in blocks)[:n_bytes]
-  return data, _ReplaySource(source, blocks, iterator)
-
-
-def _check_same(saved: dict, current: dict, key: str) -> None:
-  node_s, node_c = saved, current
-  for part in key.split("."):
-    node_s, node_c = node_s.get(part), node_c.get(part)
-  if node_s != node_c:
-    raise RunError(f"{key}: this run was made with {node_s!r}, the config says {node_c!r}; "
-                   f"resume with the run's own config or start a new --run-dir")
 
 
 class Session:
@@ -151,7 +107,7 @@ class Session:
       raise RunError(f"{run_dir_path} already holds a run; add --resume to continue it, "
                      f"or pick another --run-dir / --set name=...")
     run_dir_path.mkdir(parents=True, exist_ok=True)
-    lock = _lock(run_dir_path)
+    lock = lock_run(run_dir_path)
     try:
       if resume:
         return cls._resume(config, run_dir_path, source, lock)
@@ -163,7 +119,7 @@ class Session:
   @classmethod
   def _fresh(cls, config: Config, run_dir: Path, source: Source, lock: RunLock) -> "Session":
     if config.tokenizer.kind == "bpe":
-      warmup, source = _read_prefix(source, config.tokenizer.warmup_bytes)
+      warmup, source = read_prefix(source, config.tokenizer.warmup_bytes)
       log.info(f"training a {config.tokenizer.vocab_size}-token BPE on the first "
                f"{len(warmup):,} bytes of the stream")
     else:
@@ -172,7 +128,7 @@ class Session:
                                warmup=warmup)
     tokenizer.save(run_dir)
     # Written last, and whole (renamed into place): its presence means a run to resume.
-    _write_atomic(run_dir / CONFIG_FILE, json.dumps(config_to_dict(config), indent=2))
+    write_atomic(run_dir / CONFIG_FILE, json.dumps(config_to_dict(config), indent=2))
     return cls._from_base(config, run_dir, source, tokenizer, lock)
 
   @classmethod
@@ -181,11 +137,11 @@ class Session:
     state = initial_state(config, tokenizer.vocab_size, tokenizer.bos_id)
     if config.delta.base and state.delta is not None and state.delta.base is not None:
       if config.swarm.size == 1:
-        base = _named_base(config.delta.base, state.params)
+        base = named_base(config.delta.base, state.params)
       else:  # every member is guarded by the same model (the session places the copies)
         base = jax.tree.map(
             lambda x: np.broadcast_to(np.asarray(x), (config.swarm.size,) + x.shape).copy(),
-            _named_base(config.delta.base, member_state(state.params, 0)))
+            named_base(config.delta.base, member_state(state.params, 0)))
       state = state.replace(delta=state.delta.replace(base=base))
     return cls(config, run_dir, source, tokenizer, state, None, Totals(), lock)
 
@@ -193,10 +149,10 @@ class Session:
   def _resume(cls, config: Config, run_dir: Path, source: Source, lock: RunLock) -> "Session":
     saved = json.loads((run_dir / CONFIG_FILE).read_text())
     for key in _FROZEN_ON_RESUME:
-      _check_same(saved, config_to_dict(config), key)
+      check_same(saved, config_to_dict(config), key)
     checkpointer = Checkpointer(run_dir, config.checkpoint, writable=True)
     steps = checkpointer.all_steps()
-    tokenizer = _run_tokenizer(run_dir, checkpointer, steps)
+    tokenizer = run_tokenizer(run_dir, checkpointer, steps)
     if not steps:  # killed before the base was on disk: the base is made again, identically
       checkpointer.close()
       log.warning(f"warning: {run_dir} has no complete version yet; starting from the base")
@@ -497,71 +453,3 @@ class Session:
     saved = f"version {self.last_saved}" if self.last_saved is not None else "no version yet"
     return (f"{human_bytes(self.totals.bytes)} seen | {human_bytes(rate)}/s | "
             f"{self.totals.bits_per_byte:.3f} bits/byte | {saved}" + self._safety_text())
-
-
-def _lock(run_dir: Path) -> RunLock:
-  try:
-    return RunLock(run_dir)
-  except VersionError as err:
-    raise RunError(str(err)) from None
-
-
-def _named_base(spec: str, like_params):
-  """The parameters of version STEP (default: the newest) of run RUN_DIR, for `delta.base`.
-
-  Parameters the named run lacks (the forecast channel, when it learned
-  without one) keep this run's start values: the base never reads a forecast.
-  """
-  from streamlearn.versions import open_run  # it imports this module
-
-  run_dir, _, step = spec.partition("@")
-  try:
-    run = open_run(run_dir)
-  except VersionError as err:
-    raise RunError(f"delta.base: {err}") from None
-  try:
-    if step and not step.isdigit():
-      raise VersionError(f"{spec}: expected RUN_DIR or RUN_DIR@STEP")
-    record, tokenizer_json = run.checkpointer.read_record(
-        int(step) if step else run.checkpointer.latest_step())
-    tokenizer = tokenizer_from_json(tokenizer_json, spec)
-    predictor, optimizer, _ = build(run.config, tokenizer.vocab_size)
-    fresh = init_learner(predictor, optimizer, seed=run.config.seed, bos_id=tokenizer.bos_id)
-    state, _, _ = run.checkpointer.restore(int(step) if step else None, abstract_like(fresh))
-  except (VersionError, ValueError, TypeError) as err:
-    raise RunError(f"delta.base: {err}") from None
-  finally:
-    run.checkpointer.close()
-  named = dict(state.params)
-  for key, value in like_params.items():
-    got = named.get(key)
-    if got is None:
-      named[key] = value
-    elif jax.tree.map(jnp.shape, got) != jax.tree.map(jnp.shape, value):
-      raise RunError(f"delta.base: {spec} has a different model ({key} differs in shape)")
-  extra = set(named) - set(like_params)
-  return {k: v for k, v in named.items() if k not in extra}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
-
-
-def _run_tokenizer(run_dir: Path, checkpointer: Checkpointer, steps: list[int]) -> Tokenizer:
-  """The run's tokenizer: tokenizer.json, or the newest version's copy if that file is lost."""
-  try:
-    return load_tokenizer(run_dir)
-  except (OSError, ValueError) as err:
-    problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-  for step in reversed(steps):
-    try:
-      tokenizer = tokenizer_from_json(checkpointer.read_record(step)[1], f"version {step}")
-    except (VersionError, ValueError, KeyError):
-      continue
-    log.warning(f"warning: {run_dir / 'tokenizer.json'} is unreadable ({problem}); "
-                f"restored it from version {step}")
-    tokenizer.save(run_dir)
-    return tokenizer
-  raise RunError(f"{run_dir / 'tokenizer.json'}: unreadable ({problem}) and no version has a copy")

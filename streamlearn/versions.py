@@ -22,7 +22,7 @@ from streamlearn.checkpoint import Checkpointer, VersionError
 from streamlearn.config import Config, ConfigError, config_from_dict
 from streamlearn.console import log_to_stderr
 from streamlearn.registry import Registry
-from streamlearn.session import CONFIG_FILE
+from streamlearn.run_files import CONFIG_FILE
 
 
 class RunDir(NamedTuple):
