@@ -32,7 +32,7 @@ class ModelConfig:
   lru_width: int = 128        # width of the gated diagonal recurrence
   mlp_mult: int = 3           # MLP hidden width = mlp_mult * d_model
   conv_width: int = 4         # taps of the short causal depthwise conv
-  scan_impl: str = "auto"     # linear_scan implementation: auto | lax | associative | pallas
+  scan_impl: str = "auto"     # linear_scan implementation: auto | lax | associative | blocked | pallas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +167,12 @@ class Config:
 # Value checks beyond the type: key -> (predicate, what it must be).
 _POSITIVE = (lambda v: v > 0, "> 0")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_SCAN_IMPLS = ("auto", "lax", "associative", "blocked", "pallas")
+
 _CHECKS: dict[str, tuple[Any, str]] = {
     "model.d_model": _POSITIVE, "model.n_layers": _POSITIVE, "model.lru_width": _POSITIVE,
     "model.mlp_mult": _POSITIVE, "model.conv_width": _POSITIVE,
-    "model.scan_impl": (lambda v: v in ("auto", "lax", "associative", "pallas"),
-                        "one of auto, lax, associative, pallas"),
+    "model.scan_impl": (lambda v: v in _SCAN_IMPLS, f"one of {', '.join(_SCAN_IMPLS)}"),
     "match.orders": (lambda v: len(v) > 0 and all(o > 0 for o in v) and len(set(v)) == len(v),
                      "a non-empty list of distinct positive integers"),
     "match.max_len": _POSITIVE,

@@ -9,7 +9,7 @@ import pytest
 
 from streamlearn.scan import ScanImpl, auto_impl, linear_scan
 
-IMPLS = (ScanImpl.LAX, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)
+IMPLS = (ScanImpl.LAX, ScanImpl.ASSOCIATIVE, ScanImpl.BLOCKED, ScanImpl.PALLAS)
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 
 
@@ -134,7 +134,7 @@ def test_gradients_match_lax(rng, T, D, dtype, reverse):
   g_all = jnp.asarray(rng.standard_normal((2, T, D)), jnp.float32).astype(dtype)
   g_last = jnp.asarray(rng.standard_normal((2, D)), jnp.float32).astype(dtype)
   want = jitted_vjp(ScanImpl.LAX, reverse)(a, b, h0, g_all, g_last)
-  for impl in (ScanImpl.PALLAS, ScanImpl.ASSOCIATIVE):
+  for impl in (ScanImpl.PALLAS, ScanImpl.ASSOCIATIVE, ScanImpl.BLOCKED):
     got = jitted_vjp(impl, reverse)(a, b, h0, g_all, g_last)
     for name, x, ref in zip(("da", "db", "dh0"), got, want):
       assert x.dtype == ref.dtype == dtype
