@@ -100,11 +100,14 @@ def _update_row(cfg: MatchConfig, history_H, table_OxS, pos, tokens_T, n_real):
   ctx_TxL = ext_E[back + t_T[:, None] - 1 - jnp.arange(L)[None, :]]
   tokens, lengths, entries = [], [], []
   slots = _hash_slots(ext_E, back, T, cfg.orders, cfg.table_log2)
+  order_OxT = jnp.broadcast_to(jnp.arange(len(cfg.orders))[:, None], (len(cfg.orders), T))
+  slot_OxT = jnp.stack(slots)
+  seen_OxT = table_OxS[order_OxT, slot_OxT]
   for o, (order, slot_T) in enumerate(zip(cfg.orders, slots)):
     valid_T = real_T & (abs_T >= order)
     # The latest earlier position with this context: in the chunk, else in the table.
     in_chunk_T = _previous_same(jnp.where(valid_T, slot_T, -1 - t_T), t_T)
-    cand_T = jnp.where(in_chunk_T >= 0, pos + in_chunk_T, table_OxS[o, slot_T] - 1)
+    cand_T = jnp.where(in_chunk_T >= 0, pos + in_chunk_T, seen_OxT[o] - 1)
     # Verify: how many tokens before the candidate equal those before the target?
     # (Hash collisions verify short; the learned trust per length absorbs them.)
     back_pos_TxL = cand_T[:, None] - 1 - jnp.arange(L)[None, :]
@@ -115,10 +118,14 @@ def _update_row(cfg: MatchConfig, history_H, table_OxS, pos, tokens_T, n_real):
     lengths.append(jnp.where(real_T, len_T, 0))
     entries.append(jnp.where(valid_T, abs_T + 1, 0))
 
-  # Record where each context occurred, all orders in one scatter so the
-  # (donated) tables update in place; max keeps the latest of duplicates.
-  order_OxT = jnp.broadcast_to(jnp.arange(len(cfg.orders))[:, None], (len(cfg.orders), T))
-  table_OxS = table_OxS.at[order_OxT, jnp.stack(slots)].max(jnp.stack(entries))
+  # Record where each context occurred, all orders in one scatter (max keeps
+  # the latest of duplicates).
+  # Make the write depend on the reads: table entries are >= 0, so the max
+  # with (min read >> 31) = 0 changes nothing, but XLA cannot prove that and
+  # must read first, which lets it update the donated tables in place instead
+  # of copying them (10 MB with the defaults) twice a step.
+  entry_OxT = jnp.maximum(jnp.stack(entries), jnp.min(seen_OxT, keepdims=True) >> 31)
+  table_OxS = table_OxS.at[order_OxT, slot_OxT].max(entry_OxT)
   return ((jnp.stack(tokens, axis=-1), jnp.stack(lengths, axis=-1)),
           (history_H, table_OxS, pos + n_real))
 
