@@ -190,7 +190,7 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
         delta=d.replace(ring=ring, pending=pending, teacher=teacher, teacher_rec=teacher_rec,
                         base_rec=base_rec, entropy_ref=entropy_ref, replay=buffer))
     # A non-finite score, loss or gradient: as if the chunk never came (the match
-    # model keeps its tokens, which are never non-finite; see learner._skip_if_non_finite).
+    # model keeps its tokens, which are never non-finite; see learner.learn_if_finite).
     without_match = lambda s: s.replace(carry=s.carry.replace(match=None),
                                         delta=s.delta.replace(base=None))
     kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), without_match(new),

@@ -189,19 +189,23 @@ def score_metrics(nll_sum, chunk: Chunk) -> dict[str, jax.Array]:
               bits_per_byte=bits / jnp.maximum(n_bytes, 1.0))
 
 
-def _skip_if_non_finite(old: LearnerState, new: LearnerState, loss, grad_norm):
+def learn_if_finite(ok, learn, old: LearnerState, carry: Carry) -> tuple[LearnerState, jax.Array]:
   """The safety net's guard: a NaN/Inf loss or gradient leaves the state as it was.
 
-  Returns (state, 1.0 if skipped else 0.0). The network never saw the chunk
-  (parameters, optimizer, recurrent state, last token and step are the old
-  ones), so nothing non-finite can reach them. The match model's history does
-  keep the chunk: it holds only tokens, which are never non-finite, and
-  selecting between two copies of its megabytes would cost every step a copy.
+  `learn()` builds the updated state; it runs only when `ok`. Otherwise the
+  network never saw the chunk (parameters, optimizer, recurrent state, last
+  token and step are the old ones), so nothing non-finite can reach them. The
+  match model's history does keep the chunk (`carry.match`): it holds only
+  tokens, which are never non-finite. Returns (state, 1.0 if skipped else 0.0).
+
+  A branch, not a select between the new and the old state: a select needs
+  both alive at once, which costs a copy of parameters and optimizer state
+  every step; the branch lets the donated buffers update in place. (Under vmap,
+  a swarm, JAX turns it back into a select.)
   """
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  without_match = lambda s: s.replace(carry=s.carry.replace(match=None))
-  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), without_match(new), without_match(old))
-  return kept.replace(carry=kept.carry.replace(match=new.carry.match)), 1.0 - ok.astype(jnp.float32)
+  kept = old.replace(carry=old.carry.replace(match=carry.match))
+  new = jax.lax.cond(ok, lambda: learn().replace(carry=carry), lambda: kept)
+  return new, 1.0 - ok.astype(jnp.float32)
 
 
 def make_step(predictor: Predictor, optimizer: optax.GradientTransformation, optim_cfg: OptimConfig):
@@ -225,19 +229,22 @@ def make_step(predictor: Predictor, optimizer: optax.GradientTransformation, opt
     # Score first: the loss below is computed with the parameters as they were
     # before this chunk; the update that follows is the first to see it.
     (_, (nll_sum, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    # An array in the state, not a constant: lowering it never recompiles the step.
-    updates = jax.tree.map(lambda u: u * (state.lr_scale * state.hp["lr"]), updates)
-    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+
+    def learn() -> LearnerState:
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      # An array in the state, not a constant: lowering it never recompiles the step.
+      updates = jax.tree.map(lambda u: u * (state.lr_scale * state.hp["lr"]), updates)
+      return state.replace(params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state, step=state.step + 1)
+
     metrics = score_metrics(nll_sum, chunk)
-    metrics.update(grad_norm=optax.tree.norm(grads),
+    metrics.update(grad_norm=grad_norm,
                    learning_rate=learning_rate(optim_cfg, state.step) * state.lr_scale
                    * state.hp["lr"])
-    new_state = state.replace(
-        params=params, opt_state=opt_state, carry=jax.lax.stop_gradient(carry),
-        step=state.step + 1)
-    new_state, metrics["skipped"] = _skip_if_non_finite(state, new_state, nll_sum,
-                                                        metrics["grad_norm"])
+    ok = jnp.isfinite(nll_sum) & jnp.isfinite(grad_norm)
+    new_state, metrics["skipped"] = learn_if_finite(ok, learn, state,
+                                                    jax.lax.stop_gradient(carry))
     return new_state, metrics
 
   return jax.jit(step, donate_argnums=0)

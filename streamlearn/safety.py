@@ -2,7 +2,7 @@
 
 Two alarms, checked after every chunk:
   non-finite  the step skipped its update (NaN/Inf loss or gradient, see
-              `learner._skip_if_non_finite`) `max_skips` chunks in a row;
+              `learner.learn_if_finite`) `max_skips` chunks in a row;
   spike       the score — prequential bits/byte over the last `signal_chunks`
               chunks — exceeds the median of its last `median_chunks` values
               by more than `spike_fraction`.
