@@ -28,9 +28,9 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   d_model: int = 128          # residual stream width
-  n_layers: int = 3           # each layer = recurrent block + MLP block
+  n_layers: int = 1           # each layer = recurrent block + MLP block
   lru_width: int = 128        # width of the gated diagonal recurrence
-  mlp_mult: int = 3           # MLP hidden width = mlp_mult * d_model
+  mlp_mult: int = 6           # MLP hidden width = mlp_mult * d_model
   conv_width: int = 4         # taps of the short causal depthwise conv
   scan_impl: str = "auto"     # linear_scan implementation: auto | lax | associative | blocked | pallas
 

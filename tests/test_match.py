@@ -67,7 +67,7 @@ def test_features_equal_brute_force(rng, T):
   np.testing.assert_array_equal(length, want_length)
   has = want_length > 0
   np.testing.assert_array_equal(token[has], want_token[has])
-  assert has.mean() > 0.5  # the test stream does exercise matching
+  assert has.mean() > 0.25  # the test stream does exercise matching (~half its positions)
   assert int(state.pos_B[0]) == len(stream)
 
 
