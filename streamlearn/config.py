@@ -32,7 +32,7 @@ class ModelConfig:
   lru_width: int = 128        # width of the gated diagonal recurrence
   mlp_mult: int = 6           # MLP hidden width = mlp_mult * d_model
   conv_width: int = 4         # taps of the short causal depthwise conv
-  scan_impl: str = "auto"     # linear_scan implementation: auto | lax | associative | blocked | pallas
+  scan_impl: str = "auto"     # linear_scan: auto | lax | associative | blocked | pallas
 
 
 @dataclasses.dataclass(frozen=True)

@@ -189,7 +189,8 @@ def score_metrics(nll_sum, chunk: Chunk) -> dict[str, jax.Array]:
               bits_per_byte=bits / jnp.maximum(n_bytes, 1.0))
 
 
-def learn_if_finite(ok, learn, old: LearnerState, carry: Carry) -> tuple[LearnerState, jax.Array]:
+def learn_if_finite(ok, learn, old: LearnerState,
+                    carry: Carry) -> tuple[LearnerState, jax.Array]:
   """The safety net's guard: a NaN/Inf loss or gradient leaves the state as it was.
 
   `learn()` builds the updated state; it runs only when `ok`. Otherwise the
