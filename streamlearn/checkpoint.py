@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from streamlearn.config import CheckpointConfig
+from streamlearn.distributed import barrier, everywhere, host_copy, is_primary, several
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class Checkpointer:
           cleanup_tmp_directories=writable,
           enable_async_checkpointing=True,
       )
+      # Over several processes (distributed.py) the manager spans them all, as Orbax
+      # expects: each writes its own shards, process 0 the rest, with barriers between.
       self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def reload(self) -> None:
@@ -153,8 +156,12 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, record: dict, tokenizer: dict,
            score: float | None = None) -> None:
-    """Starts writing a version of a host state; returns once the save is under way."""
-    record = {**record, "state_crc32": state_crc32(state)}
+    """Starts writing a version; returns once the save is under way.
+
+    `state` is a host copy, or over several processes a device copy split as the
+    swarm is (each process writes its own members); the caller never touches it again.
+    """
+    record = {**record, "state_crc32": state_crc32(host_copy(state))}
     metrics = {"score": score} if score is not None and np.isfinite(score) else None
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
@@ -213,12 +220,13 @@ class Checkpointer:
       state, record = restored["state"], dict(restored["stream"])
     except Exception as err:  # orbax and tensorstore raise many kinds; all mean "unreadable"
       raise VersionError(f"version {step} is unreadable ({_first_line(err)})") from None
+    state = host_copy(state)  # over several processes: whole on each (see abstract_like)
     expected = record.get("state_crc32")
     if expected is not None and state_crc32(state) != expected:
       raise VersionError(f"version {step} is corrupt (its state fails its CRC32)")
     # Uncommitted, like a fresh state's arrays: a restored state then reuses the compiled
     # step instead of compiling it again for arrays pinned to a device.
-    state = jax.tree.map(jnp.asarray, jax.device_get(state))
+    state = jax.tree.map(jnp.asarray, state)
     return Restored(step, state, record, dict(restored["tokenizer"]), [])
 
   def wait(self) -> None:
@@ -231,10 +239,23 @@ class Checkpointer:
 
 
 def move_aside(run_dir: Path, steps: list[int], why: str) -> Path | None:
-  """Moves versions out of versions/ into aside/<time>-<why>/ (kept, never deleted)."""
+  """Moves versions out of versions/ into aside/<time>-<why>/ (kept, never deleted).
+
+  Over several processes: process 0 moves them, the others wait until it has
+  (and get None: the place is process 0's to record).
+  """
   if not steps:
     return None
-  run_dir = Path(run_dir)
+  if not is_primary():
+    barrier(f"move-aside-{why}")
+    return None
+  try:
+    return _move_aside(Path(run_dir), steps, why)
+  finally:
+    barrier(f"move-aside-{why}")
+
+
+def _move_aside(run_dir: Path, steps: list[int], why: str) -> Path:
   aside = run_dir / ASIDE_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
   n = 1
   while aside.exists():
@@ -277,7 +298,16 @@ class RunLock:
 
 
 def abstract_like(state: Any) -> Any:
-  """ShapeDtypeStructs of a state, for restoring into the same structure."""
+  """ShapeDtypeStructs of a state, for restoring into the same structure.
+
+  Over several processes every process reads the whole version (µLM swarms
+  are megabytes), replicated on every device: each then has it all on the host
+  to check and to place as its step expects.
+  """
+  if several():
+    sharding = everywhere()
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding),
+                        state)
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 

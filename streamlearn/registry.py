@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from streamlearn.checkpoint import BASE_STEP, VersionError
+from streamlearn.distributed import is_primary
 from streamlearn.pbt import registry_view
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ class Registry:
 
   def write(self) -> None:
     """Atomically: a crash leaves either the old file or the new one."""
+    if not is_primary():  # over several processes, process 0 keeps the file
+      return
     tmp = self.path.with_name(self.path.name + ".tmp")
     tmp.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, self.path)

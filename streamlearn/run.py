@@ -2,13 +2,15 @@
 
     python -m streamlearn.run --config configs/default.toml [--data PATH|-]
         [--max-bytes N] [--run-dir DIR] [--resume] [--set key=value ...]
+        [--coordinator HOST:PORT --num-processes N --process-id I]
 
 With no --data the stream is this interpreter's standard library (.py files):
 real text on every machine. The run directory (checkpoints/<name>/ unless
 --run-dir) gets TensorBoard events in tb/, rotating Orbax versions in
 versions/, the config and the frozen tokenizer. Ctrl-C (or SIGTERM) writes a
 final version and exits cleanly; --resume continues from the latest version at
-the exact stream position.
+the exact stream position. The --coordinator trio runs one swarm over several
+processes or hosts (streamlearn/distributed.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="continue from the run directory's latest version")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. --set optim.learning_rate=1e-3")
+  parser.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="several processes: process 0's address (jax.distributed)")
+  parser.add_argument("--num-processes", type=int, metavar="N",
+                      help="several processes: how many in all")
+  parser.add_argument("--process-id", type=int, metavar="I",
+                      help="several processes: this one's index, 0 .. N-1")
   parser.add_argument("--version", action="version",
                       version=f"streamlearn {streamlearn.__version__}")
   return parser
@@ -55,6 +63,22 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
+  distributed = (args.coordinator, args.num_processes, args.process_id)
+  if any(x is not None for x in distributed):
+    if any(x is None for x in distributed):
+      print("error: --coordinator, --num-processes and --process-id go together",
+            file=sys.stderr)
+      return 2
+    if not 0 <= args.process_id < args.num_processes:
+      print(f"error: --process-id must be in 0 .. {args.num_processes - 1}", file=sys.stderr)
+      return 2
+    if args.data == "-":
+      print("error: several processes each read the stream: give --data a file or directory",
+            file=sys.stderr)
+      return 2
+    from streamlearn import distributed as dist
+
+    dist.initialize(*distributed)
   from streamlearn.session import RunError, Session  # JAX loads only once arguments are good
 
   try:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from streamlearn.checkpoint import Checkpointer, RunLock, VersionError, abstract_like
+from streamlearn.distributed import is_primary
 from streamlearn.learner import build, init_learner
 from streamlearn.sources import Block, Source
 from streamlearn.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
@@ -69,7 +70,16 @@ def check_same(saved: dict, current: dict, key: str) -> None:
                    f"resume with the run's own config or start a new --run-dir")
 
 
-def lock_run(run_dir: Path) -> RunLock:
+class _Unlocked:
+  """The lock of a process that is not process 0: that one holds the run's."""
+
+  def release(self) -> None:
+    pass
+
+
+def lock_run(run_dir: Path) -> RunLock | _Unlocked:
+  if not is_primary():
+    return _Unlocked()
   try:
     return RunLock(run_dir)
   except VersionError as err:
@@ -132,6 +142,7 @@ def run_tokenizer(run_dir: Path, checkpointer: Checkpointer, steps: list[int]) -
       continue
     log.warning(f"warning: {run_dir / 'tokenizer.json'} is unreadable ({problem}); "
                 f"restored it from version {step}")
-    tokenizer.save(run_dir)
+    if is_primary():
+      tokenizer.save(run_dir)
     return tokenizer
   raise RunError(f"{run_dir / 'tokenizer.json'}: unreadable ({problem}) and no version has a copy")

@@ -24,6 +24,7 @@ from streamlearn.checkpoint import (Checkpointer, RunLock, VersionError, abstrac
                                     move_aside)
 from streamlearn.config import Config, config_to_dict
 from streamlearn.console import Interrupts, Progress, human_bytes
+from streamlearn.distributed import barrier, host_copy, is_primary, several
 from streamlearn.learner import LearnerState, build, make_score
 from streamlearn.prequential import Totals, device_chunk, score_through
 from streamlearn.registry import Registry
@@ -52,6 +53,13 @@ _TAGS = {"forecast_bits": "delta/forecast_bits_per_token", "forecast_agreement":
          "replay_priority_max": "replay/priority_max"}
 
 
+class _NoWriter:
+  """TensorBoard for processes other than 0: process 0 writes the run's events."""
+
+  def __getattr__(self, name):
+    return lambda *args, **kwargs: None
+
+
 class Session:
   """An opened run: everything `run` needs, fresh or resumed."""
 
@@ -74,9 +82,13 @@ class Session:
     # swarm.size > 1: the state is stacked, the step vmapped, and the population
     # (scores, lineage, the next replacement) is carried in every version's record.
     self.swarm = None
+    if several() and config.swarm.size % jax.device_count():
+      raise RunError(f"swarm.size: {config.swarm.size} members cannot be split evenly over "
+                     f"{jax.device_count()} devices in {jax.process_count()} processes; "
+                     f"make it a multiple of {jax.device_count()}")
     if config.swarm.size > 1:
       self.swarm = Swarm(config, tokenizer.vocab_size, tokenizer.bos_id, record.get("swarm"))
-      self.step_fn = self.swarm.fns.step
+      self.step_fn = self.swarm.step
       self.state = self.swarm.place(state)
     self.registry = Registry.open(run_dir, self.checkpointer.all_steps(), self._read_record)
     self._set_members()
@@ -106,15 +118,16 @@ class Session:
     if not resume and (config_path.exists() or (run_dir_path / "versions").exists()):
       raise RunError(f"{run_dir_path} already holds a run; add --resume to continue it, "
                      f"or pick another --run-dir / --set name=...")
+    barrier("run-dir-checked")  # several processes: all looked before process 0 writes
     run_dir_path.mkdir(parents=True, exist_ok=True)
     lock = lock_run(run_dir_path)
     try:
-      if resume:
-        return cls._resume(config, run_dir_path, source, lock)
-      return cls._fresh(config, run_dir_path, source, lock)
+      session = (cls._resume if resume else cls._fresh)(config, run_dir_path, source, lock)
     except BaseException:
       lock.release()
       raise
+    barrier("run-dir-ready")  # and all find what process 0 wrote
+    return session
 
   @classmethod
   def _fresh(cls, config: Config, run_dir: Path, source: Source, lock: RunLock) -> "Session":
@@ -126,9 +139,10 @@ class Session:
       warmup = b""
     tokenizer = make_tokenizer(config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
                                warmup=warmup)
-    tokenizer.save(run_dir)
-    # Written last, and whole (renamed into place): its presence means a run to resume.
-    write_atomic(run_dir / CONFIG_FILE, json.dumps(config_to_dict(config), indent=2))
+    if is_primary():  # several processes: one run directory, process 0's to write
+      tokenizer.save(run_dir)
+      # Written last, and whole (renamed into place): its presence means a run to resume.
+      write_atomic(run_dir / CONFIG_FILE, json.dumps(config_to_dict(config), indent=2))
     return cls._from_base(config, run_dir, source, tokenizer, lock)
 
   @classmethod
@@ -187,7 +201,7 @@ class Session:
     self.checkpointer.wait()
     self._register()
     # A host copy: the step donates the device buffers the moment it runs next.
-    host_state = jax.device_get(self.state)
+    host_state = host_copy(self.state)
     score = self.guard.score()
     running = self.totals.bits_per_byte
     running = running if math.isfinite(running) else None  # JSON has no NaN
@@ -202,7 +216,9 @@ class Session:
     if self.swarm is not None:
       record["swarm"] = self.swarm.to_json()
     tokenizer_json = json.loads((self.run_dir / "tokenizer.json").read_text())
-    self.checkpointer.save(step, host_state, record, tokenizer_json, score)
+    # Several processes: each writes its own members, from a copy on its devices.
+    to_write = self.swarm.snapshot(self.state) if several() else host_state
+    self.checkpointer.save(step, to_write, record, tokenizer_json, score)
     self._unregistered = (step, record)
     self.parent = step
     return step
@@ -231,7 +247,7 @@ class Session:
     config = self.config
     token_stream = self._stream(self.stream_start, max_bytes)
     self._chunks = iter(token_stream)
-    self._writer = SummaryWriter(str(self.run_dir / "tb"))
+    self._writer = SummaryWriter(str(self.run_dir / "tb")) if is_primary() else _NoWriter()
     progress = Progress(config.log.progress_seconds)
     clock = (time.monotonic(), self.totals.bytes)
     position = self.stream_start

@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from streamlearn.checkpoint import Checkpointer, VersionError, abstract_like
 from streamlearn.config import Config, SwarmConfig
-from streamlearn.learner import LearnerState, build, init_learner
+from streamlearn.distributed import host_copy, several
+from streamlearn.learner import Chunk, LearnerState, build, init_learner
 from streamlearn.pbt import Plan, Population
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,12 @@ class SwarmFns(NamedTuple):
 
   mesh: Mesh
   members: NamedSharding  # every state leaf split on its leading (member) axis
+  replicated: NamedSharding  # whole on every device: chunks, metrics, replacement plans
   init: Any      # seed -> one member's state, unstacked, with the learner's own hp
   step: Any      # (state, chunk) -> (state, metrics with a leading N axis); state donated
   exploit: Any   # (state, src_N, copied_N, seed_N, hp_N) -> state; state donated
   put: Any       # (state, slot, member state) -> state with that slot replaced; state donated
+  copy: Any      # state -> a copy, split alike, that the next (donating) step leaves alone
 
 
 def build_swarm(config: Config, vocab_size: int, bos_id: int) -> SwarmFns:
@@ -98,13 +101,17 @@ def _build_swarm(config: Config, vocab_size: int, bos_id: int) -> SwarmFns:
     return jax.tree.map(lambda x, m: x.at[slot].set(m), state, member)
 
   return SwarmFns(
-      mesh=mesh, members=members, init=jax.jit(init),
+      mesh=mesh, members=members, replicated=replicated, init=jax.jit(init),
+      # The metrics come back whole on every device (N floats each), so every
+      # process reads them all and takes the same host decisions.
       step=jax.jit(sharded_step, in_shardings=(members, replicated),
-                   out_shardings=(members, members), donate_argnums=0),
+                   out_shardings=(members, replicated), donate_argnums=0),
       exploit=jax.jit(exploit, in_shardings=(members,) + (replicated,) * 4,
                       out_shardings=members, donate_argnums=0),
       put=jax.jit(put, in_shardings=(members, replicated, replicated), out_shardings=members,
-                  donate_argnums=0))
+                  donate_argnums=0),
+      copy=jax.jit(lambda state: jax.tree.map(jnp.copy, state), in_shardings=members,
+                   out_shardings=members))
 
 
 def with_hparams(state: LearnerState, hp: dict[str, float]) -> LearnerState:
@@ -134,7 +141,7 @@ def initial_state(config: Config, vocab_size: int, bos_id: int) -> LearnerState:
 def member_state(state: LearnerState, slot: int) -> LearnerState:
   """One member's state, unstacked: what the single learner's code takes."""
   # Sliced on the host: an eager slice would compile once per leaf shape.
-  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[slot]), state)
+  return jax.tree.map(lambda x: jnp.asarray(x[slot]), host_copy(state))
 
 
 class Swarm:
@@ -152,7 +159,20 @@ class Swarm:
     The member sharding is part of the arrays' type: without it the step would
     compile a second time.
     """
+    if several():  # each process holds it whole, on the host, and keeps its part
+      state = host_copy(state)
     return jax.device_put(state, self.fns.members)
+
+  def snapshot(self, state: LearnerState) -> LearnerState:
+    """A device copy to save while the step goes on: over several processes each
+    writes its own members' part of a version (checkpoint.py)."""
+    return self.fns.copy(state)
+
+  def step(self, state: LearnerState, chunk: Chunk) -> tuple[LearnerState, dict]:
+    """The jitted swarm step; over several processes the chunk goes in as one global array."""
+    if several():
+      chunk = jax.device_put(jax.device_get(chunk), self.fns.replicated)
+    return self.fns.step(state, chunk)
 
   def observe(self, m: dict, n_bytes: float) -> dict:
     """Books one chunk's per-member metrics; returns the leader's as the run's.

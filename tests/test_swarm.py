@@ -2,8 +2,10 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from streamlearn import Learner
-from streamlearn.checkpoint import Checkpointer, VersionError
+from streamlearn.checkpoint import Checkpointer, VersionError, abstract_like
 from streamlearn.config import SwarmConfig, config_from_dict
 from streamlearn.learner import build, init_learner
 from streamlearn.pbt import Population
@@ -180,12 +182,78 @@ def test_replacements_never_recompile(one_device):
   assert compiles == []
 
 
-def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path):
+CLI_SWARM = ["--config", TINY, "--set", "swarm.size=4", "--set", "swarm.interval_bytes=640",
+             "--set", "swarm.grace_bytes=0", "--set", "swarm.fresh_prob=0.3"]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_processes(tmp_path_factory):
+  """The CLI test's split run (1,280 bytes, then --resume) as one swarm over two
+  processes of 2 CPU devices each, sharing one run directory; it runs in the
+  background while the test runs its own in this process."""
+  where = tmp_path_factory.mktemp("two-processes")
+  data = where / "text.txt"
+  data.write_bytes(stdlib_text(2600))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "PYTHONPATH": str(ROOT)}
+  errors = []
+
+  def run(*extra):
+    port = free_port()
+    children = [subprocess.Popen(
+        [sys.executable, "-m", "streamlearn.run", *CLI_SWARM, "--data", str(data),
+         "--run-dir", str(where / "split"), "--coordinator", f"localhost:{port}",
+         "--num-processes", "2", "--process-id", str(i), *extra],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    for i, child in enumerate(children):
+      try:
+        _, err = child.communicate(timeout=300)
+      except subprocess.TimeoutExpired:
+        for c in children:
+          c.kill()
+        err = "timed out"
+      if child.returncode != 0:
+        errors.append(f"process {i} {' '.join(extra)}: {err[-2000:]}")
+
+  def both():
+    run("--max-bytes", "1280")
+    if not errors:
+      run("--resume")
+
+  thread = threading.Thread(target=both)
+  thread.start()
+
+  def result():
+    thread.join()
+    assert not errors, "\n".join(errors)
+    return where / "split"
+
+  yield result
+  thread.join()
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["--coordinator", "localhost:1"], "go together"),
+    (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"], "0 .. 1"),
+    (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "0",
+      "--data", "-"], "give --data a file")])
+def test_bad_several_process_flags_are_one_line_errors(extra, why, capsys):
+  assert main(["--config", TINY, *extra]) == 2
+  err = capsys.readouterr().err
+  assert why in err and err.count("\n") == 1
+
+
+def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processes):
   data = tmp_path / "text.txt"
   data.write_bytes(stdlib_text(2600))
-  args = ["--config", TINY, "--data", str(data), "--set", "swarm.size=4",
-          "--set", "swarm.interval_bytes=640", "--set", "swarm.grace_bytes=0",
-          "--set", "swarm.fresh_prob=0.3"]
+  args = CLI_SWARM + ["--data", str(data)]
   straight, split = tmp_path / "straight", tmp_path / "split"
   assert main(args + ["--run-dir", str(straight)]) == 0
   assert main(args + ["--run-dir", str(split), "--max-bytes", "1280"]) == 0
@@ -216,6 +284,21 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path):
                     member_state(states[0], members["slots"].index(other)))
   with pytest.raises(VersionError, match="not in this version"):
     Learner.load(straight, member=0 if 0 not in members["slots"] else 10_000)
+  # Two processes (2 devices each) sharing one run directory made the same run.
+  shared = two_processes()
+  theirs = json.loads((shared / "registry.json").read_text())["members"]
+  # The same members, born alike; their scores equal to float rounding (1 device vs 4).
+  scores = lambda m: [np.asarray(e.pop("scores")) for e in m["lineage"]]
+  for a, b in zip(scores(theirs), scores(members), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert theirs == members
+  checkpointer = Checkpointer(shared, config.checkpoint)
+  assert checkpointer.all_steps() == Checkpointer(split, config.checkpoint).all_steps()
+  # Saved in shards by two processes, read whole by one (as the scripts and the API do).
+  swarm = checkpointer.restore(None, abstract_like(initial_state(config, VOCAB, BOS)))[0]
+  close(swarm, states[1], rtol=1e-4, atol=1e-5)  # 41 steps of rounding apart
+  checkpointer.close()
+  assert len(list((shared / "tb").glob("events.out.tfevents.*"))) == 2  # process 0's, per run
 
 
 def test_nan_updates_in_a_swarm_roll_the_whole_swarm_back(tmp_path):
