@@ -53,6 +53,12 @@ _PLAIN = ["delta.lag=0", "delta.consistency=0", "delta.kl=0", "delta.gate=false"
 _MINUS = {"channel": ["delta.forecast_channel=false"], "ema": ["delta.consistency=0"],
           "kl": ["delta.kl=0"], "gate": ["delta.gate=false"], "replay": ["replay.capacity=0"],
           "lag": ["delta.lag=1"]}
+_PLUS = {"arrival": ["delta.arrival=true"]}
+# The control for `arrival`: vanilla's update, then a second one on the same chunk
+# from where the first left off, and nothing else (its 1-token forecast unused):
+# what a second step per chunk buys without any delta part.
+_TWICE = _PLAIN[1:] + ["delta.lag=1", "delta.arrival=true", "delta.forecast_channel=false",
+                       "delta.forecast_tokens=1"]
 
 
 def full_overrides() -> list[str]:
@@ -70,10 +76,15 @@ def ablation(name: str) -> list[str] | None:
     return list(_PLAIN)
   if name == "full":
     return full_overrides()
+  if name == "vanilla-twice":
+    return list(_TWICE)
+  if name.startswith("full-plus-") and name[len("full-plus-"):] in _PLUS:
+    return full_overrides() + _PLUS[name[len("full-plus-"):]]
   if name.startswith("full-minus-") and name[len("full-minus-"):] in _MINUS:
     return full_overrides() + _MINUS[name[len("full-minus-"):]]
-  raise ConfigError(f"--configs: unknown entry {name!r} (known: static, vanilla, full, "
-                    + ", ".join(f"full-minus-{x}" for x in _MINUS) + ")")
+  raise ConfigError(f"--configs: unknown entry {name!r} (known: static, vanilla, "
+                    "vanilla-twice, full, " + ", ".join(f"full-minus-{x}" for x in _MINUS)
+                    + ", " + ", ".join(f"full-plus-{x}" for x in _PLUS) + ")")
 
 COMPRESSORS = {"gzip": ["gzip", "-9", "-c"], "bzip2": ["bzip2", "-9", "-c"],
                "xz": ["xz", "-9e", "-c"], "zstd": ["zstd", "-19", "-c", "-q"]}

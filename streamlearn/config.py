@@ -99,6 +99,7 @@ class SafetyConfig:
 class DeltaConfig:
   """Two-stream delta learning (streamlearn/delta.py); lag = 0 is the plain learner."""
   lag: int = 0                # learn from the forecast made this many ticks ago (0: no forecast)
+  arrival: bool = False       # also learn from each chunk as it arrives, on the pass that scored it
   forecast_tokens: int = 32   # K: the forecast is an open-loop rollout of the next chunk's first K
   temperature: float = 0.0    # the rollout's sampling temperature (0: greedy)
   forecast_channel: bool = True  # the trunk also reads the forecast tokens (second input stream)
@@ -316,6 +317,9 @@ def _check_across(config: Config) -> None:
     if on and value > T:
       raise ConfigError(f"{key}: {value} is more than data.chunk_tokens = {T}")
   delta = config.delta
+  if delta.lag == 0 and delta.arrival:
+    raise ConfigError("delta.arrival: delta.lag = 0 learns each chunk on arrival already "
+                      "(and only then); set delta.lag >= 1 for a second, delta update")
   if delta.lag == 0 and (delta.gate or delta.residual):
     key = "delta.gate" if delta.gate else "delta.residual"
     raise ConfigError(f"{key}: needs a forecast, and delta.lag = 0 makes none (set delta.lag >= 1)")

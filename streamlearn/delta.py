@@ -16,6 +16,10 @@ One tick = one chunk. At tick t the real chunk x_t arrives and the step
      x_t, with the parameters just updated.
 lag = 0 makes no forecasts and learns from x_t in the very pass that scored
 it: the plain learner, with the teacher, base and replay still available.
+With `arrival` (lag >= 1) step 1 is also a learning step: the plain learner's
+update from the pass that scored x_t, so every chunk is learned twice — as it
+arrives, and `lag` ticks later beside its forecast, from where the first
+update left the parameters.
 
 The forecaster rolls the µLM alone (no match features: the match model's
 tables hold only real history), so forecasts are the network's own belief.

@@ -30,13 +30,21 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
   cfg, rcfg = spec.delta, spec.replay
   L, K = cfg.lag, cfg.forecast_tokens
 
-  def fresh_loss(params, entry: dl.Observed, keep_BxK, hp):
-    """Loss on the real chunk of `entry` (read with its forecast), before the gate."""
+  def entry_inputs(entry: dl.Observed, keep_BxK):
+    """What the trunk reads to learn from `entry`: its real tokens beside their forecast."""
     T = entry.tokens_BxT.shape[1]
     forecast = dl.forecast_input(entry.forecast, T, keep_BxK) if spec.channel else None
-    logits_BxTxV, rec_after, hidden_BxTxD = lm.apply_with_hidden(
-        params, dl.shift_in(entry.last_token_B, entry.tokens_BxT), entry.rec_state,
-        dl.n_real(entry.mask_BxT), entry.match, forecast)
+    return (dl.shift_in(entry.last_token_B, entry.tokens_BxT), entry.rec_state,
+            dl.n_real(entry.mask_BxT), entry.match, forecast)
+
+  def fresh_loss(params, entry: dl.Observed, keep_BxK, hp):
+    """Loss on the real chunk of `entry` (read with its forecast), before the gate."""
+    outputs = lm.apply_with_hidden(params, *entry_inputs(entry, keep_BxK))
+    return fresh_terms(params, entry, outputs, hp)
+
+  def fresh_terms(params, entry: dl.Observed, outputs, hp):
+    """fresh_loss from the trunk's outputs (logits, state after, hidden) on `entry`."""
+    logits_BxTxV, rec_after, hidden_BxTxD = outputs
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32))
     nll_sum = jnp.sum(_nll_BxT(logp_BxTxV, entry.tokens_BxT) * entry.mask_BxT)
     terms = {"ce": nll_sum / jnp.maximum(jnp.sum(entry.mask_BxT), 1.0)}
@@ -86,12 +94,13 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
     # 1. Read the chunk: the student scores it (beside its forecast), the teacher
     #    and the base make of it what the learning step will compare against.
     score_nll = rec_after = None
-    if spec.forecasting:
-      forecast = dl.forecast_input(d.pending, T) if spec.channel else None
+    score_forecast = dl.forecast_input(d.pending, T) if spec.channel else None
+    if spec.forecasting and not cfg.arrival:  # (on arrival, the learning pass scores it)
       logits, rec_after = lm.apply(state.params, inputs_BxT, carry.rec_state, n_real_B, features,
-                                   forecast)
+                                   score_forecast)
       logp = jax.nn.log_softmax(logits.astype(jnp.float32))
       score_nll = jnp.sum(_nll_BxT(logp, chunk.tokens_BxT) * chunk.mask_BxT)
+    if spec.forecasting:
       surprise_BxK, mask_BxK = dl.forecast_surprise(d.pending, chunk.tokens_BxT, chunk.mask_BxT)
       metrics["forecast_bits"] = dl.masked_mean(surprise_BxK, mask_BxK) / _LN2
       metrics["forecast_agreement"] = dl.masked_mean(
@@ -110,7 +119,8 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
         rec_state=carry.rec_state, match=features,
         forecast=d.pending if spec.forecasting else None,
         teacher_hidden_BxTxD=teacher_hidden, base_logp_BxTxV=base_logp,
-        bits_per_token=(score_nll / _LN2 / n_tokens if spec.forecasting
+        # (On arrival the score comes with the learning pass; filed after it.)
+        bits_per_token=(score_nll / _LN2 / n_tokens if score_nll is not None
                         else jnp.zeros((), jnp.float32)),
         tick=tick)
 
@@ -138,6 +148,37 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
       if spec.channel:
         keep_BxK = jax.random.bernoulli(k_drop, 1.0 - cfg.reality_drop, (B, K)).astype(jnp.float32)
 
+    def sgd(grads, opt_state, params):
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      # An array in the state, not a constant: lowering it never recompiles the step.
+      updates = jax.tree.map(lambda u: u * (state.lr_scale * hp["lr"]), updates)
+      return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state, arrival_ok = state.params, state.opt_state, jnp.bool_(True)
+    if cfg.arrival:
+      # The plain learner's update, from the pass that scored the chunk: the scoring
+      # parameters are never `lag` chunks stale, and the update below is a second,
+      # later look at each chunk, beside its forecast. Two steps one after the other,
+      # not one on both losses: the second is taken from where the first left off
+      # (held-aside tuning: the sum gained a fraction of what the two steps did).
+      def arrival_loss(params):
+        logits, rec_after = lm.apply(params, inputs_BxT, carry.rec_state, n_real_B, features,
+                                     score_forecast)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        nll = jnp.sum(_nll_BxT(logp, chunk.tokens_BxT) * chunk.mask_BxT)
+        return nll / n_tokens, (nll, rec_after)
+
+      (_, (score_nll, rec_after)), arrival_grads = jax.value_and_grad(
+          arrival_loss, has_aux=True)(params)
+      metrics["arrival_grad_norm"] = optax.tree.norm(arrival_grads)
+      arrival_ok = jnp.isfinite(score_nll) & jnp.isfinite(metrics["arrival_grad_norm"])
+      params, opt_state = sgd(arrival_grads, opt_state, params)
+      # Its score is known only now: filed for the replay priority.
+      ring = ring.replace(bits_per_token=ring.bits_per_token.at[tick % L].set(
+          score_nll / _LN2 / n_tokens))
+      if L == 1:
+        entry = entry.replace(bits_per_token=ring.bits_per_token[0])
+
     def loss_fn(params):
       fresh, aux = fresh_loss(params, entry, keep_BxK, hp)
       total, replay_aux = gate * fresh, None
@@ -146,18 +187,18 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
         total = total + hp["replay"] * replayed
       return total, (aux, replay_aux)
 
+    arrived = params, opt_state
     (total, ((terms, learn_nll, learn_rec), replay_aux)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: u * (state.lr_scale * hp["lr"]), updates)
-    params = optax.apply_updates(state.params, updates)
+        loss_fn, has_aux=True)(params)
+    params, opt_state = sgd(grads, opt_state, params)
     if not spec.forecasting:  # lag 0: the learning pass was the scoring pass
       score_nll, rec_after = learn_nll, learn_rec
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(score_nll)
+    ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(score_nll) & arrival_ok
     learned = valid & ok
     keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(learned, n, o), new, old)
-    params, opt_state = keep_new((params, opt_state), (state.params, state.opt_state))
+    # Before the ring is full only the arrival update (if any) is taken.
+    params, opt_state = keep_new((params, opt_state), arrived)
 
     teacher = d.teacher
     if spec.teacher:

@@ -46,6 +46,7 @@ _FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens", "delta"
 _TAGS = {"forecast_bits": "delta/forecast_bits_per_token", "forecast_agreement": "delta/agreement",
          "delta_rms_bits": "delta/surprise_rms_bits", "forecast_entropy": "delta/forecast_entropy",
          "gate": "delta/gate", "loss_ce": "loss/cross_entropy",
+         "arrival_grad_norm": "train/arrival_grad_norm",
          "loss_consistency": "loss/consistency", "loss_residual": "loss/residual",
          "loss_kl": "guard/kl_to_base", "teacher_distance": "guard/ema_student_distance",
          "replay_bits": "replay/sampled_bits_per_token", "replay_fill": "replay/fill",

@@ -73,6 +73,7 @@ def test_ints_are_accepted_for_floats():
     (["swarm.fresh_prob=1.5"], r"^swarm\.fresh_prob: must be in \[0, 1\]"),
     (["delta.ema_decay=1"], r"^delta\.ema_decay: must be in \(0, 1\)"),
     (["delta.gate=true"], r"^delta\.gate: needs a forecast, and delta\.lag = 0 makes none"),
+    (["delta.arrival=true"], r"^delta\.arrival: delta\.lag = 0 learns each chunk on arrival"),
     (["replay.capacity=8", "replay.tokens=300"],
      r"^replay\.tokens: 300 is more than data\.chunk_tokens = 256$"),
     (["delta.lag=1", "data.chunk_tokens=16"],

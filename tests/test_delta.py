@@ -169,6 +169,32 @@ def test_state_memory_stays_constant_over_a_thousand_steps(full, rng):
   assert np.isfinite(float(metrics["bits"]))
 
 
+def test_on_arrival_the_first_two_scores_are_the_plain_learners_then_it_learns_twice(rng):
+  # No forecast channel, no residual: the delta learner's network is the plain one's.
+  same_net = ["delta.forecast_channel=false", "delta.residual=0"]
+  _, _, arrival = build(config(*same_net, "delta.arrival=true"), VOCAB)
+  predictor, optimizer, plain = build(config(*same_net, "delta.lag=0", "delta.gate=false",
+                                             "delta.consistency=0", "delta.kl=0",
+                                             "replay.capacity=0"), VOCAB)
+  assert predictor.delta is None
+  a = init_learner(*build(config(*same_net, "delta.arrival=true"), VOCAB)[:2], seed=0, bos_id=BOS)
+  p = init_learner(predictor, optimizer, seed=0, bos_id=BOS)
+  bits = []
+  for t in range(3):
+    tokens = rng.integers(0, 256, T)
+    a, ma = arrival(a, chunk_of(tokens))
+    p, mp = plain(p, chunk_of(tokens))
+    bits.append((float(ma["bits"]), float(mp["bits"])))
+    if t == 0:  # nothing to pair yet: the arrival update is exactly the plain learner's
+      assert float(ma["learned"]) == 0.0
+      for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(p.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  # Scored first, by the same parameters, until chunk 0's second (delta) update at tick 1.
+  np.testing.assert_allclose(bits[0][0], bits[0][1], rtol=1e-6)
+  np.testing.assert_allclose(bits[1][0], bits[1][1], rtol=1e-5)
+  assert abs(bits[2][0] - bits[2][1]) > 1e-4 * bits[2][1]
+
+
 def _traced(overrides, monkeypatch):
   """(model passes per step, metric names, state) of a config's step, traced, not compiled."""
   calls = {"apply": 0, "apply_with_hidden": 0, "gate": 0}
@@ -199,6 +225,12 @@ def test_each_switch_removes_its_component(monkeypatch):
   assert calls == {"apply": 4, "apply_with_hidden": 2, "gate": 1}
   assert {"loss_consistency", "loss_kl", "loss_residual", "replay_bits"} <= metrics
   assert "forecast_embed" in state.params and "surprise_w" in state.params
+
+  assert "arrival_grad_norm" not in metrics
+  calls, metrics, state = _traced(["delta.arrival=true"], monkeypatch)
+  # On arrival the scoring pass is differentiated: the same passes, one more update.
+  assert calls == {"apply": 4, "apply_with_hidden": 2, "gate": 1}
+  assert "arrival_grad_norm" in metrics
 
   calls, metrics, state = _traced(["delta.consistency=0"], monkeypatch)
   assert calls["apply_with_hidden"] == 1 and state.delta.teacher is None
