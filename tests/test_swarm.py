@@ -194,7 +194,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def two_processes(tmp_path_factory):
-  """The CLI test's split run (1,280 bytes, then --resume) as one swarm over two
+  """The first part of the CLI test's split run (1,280 bytes) as one swarm over two
   processes of 2 CPU devices each, sharing one run directory; it runs in the
   background while the test runs its own in this process."""
   where = tmp_path_factory.mktemp("two-processes")
@@ -222,12 +222,7 @@ def two_processes(tmp_path_factory):
       if child.returncode != 0:
         errors.append(f"process {i} {' '.join(extra)}: {err[-2000:]}")
 
-  def both():
-    run("--max-bytes", "1280")
-    if not errors:
-      run("--resume")
-
-  thread = threading.Thread(target=both)
+  thread = threading.Thread(target=run, args=("--max-bytes", "1280"))
   thread.start()
 
   def result():
@@ -284,8 +279,10 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processe
                     member_state(states[0], members["slots"].index(other)))
   with pytest.raises(VersionError, match="not in this version"):
     Learner.load(straight, member=0 if 0 not in members["slots"] else 10_000)
-  # Two processes (2 devices each) sharing one run directory made the same run.
+  # Two processes (2 devices each) sharing one run directory made the same first part,
+  # and it resumes in one process (its versions read whole) into the same run.
   shared = two_processes()
+  assert main(args + ["--run-dir", str(shared), "--resume"]) == 0
   theirs = json.loads((shared / "registry.json").read_text())["members"]
   # The same members, born alike; their scores equal to float rounding (1 device vs 4).
   scores = lambda m: [np.asarray(e.pop("scores")) for e in m["lineage"]]
@@ -298,7 +295,7 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processe
   swarm = checkpointer.restore(None, abstract_like(initial_state(config, VOCAB, BOS)))[0]
   close(swarm, states[1], rtol=1e-4, atol=1e-5)  # 41 steps of rounding apart
   checkpointer.close()
-  assert len(list((shared / "tb").glob("events.out.tfevents.*"))) == 2  # process 0's, per run
+  assert len(list((shared / "tb").glob("events.out.tfevents.*"))) == 2  # process 0's, then ours
 
 
 def test_nan_updates_in_a_swarm_roll_the_whole_swarm_back(tmp_path):
