@@ -83,10 +83,6 @@ class Session:
     # swarm.size > 1: the state is stacked, the step vmapped, and the population
     # (scores, lineage, the next replacement) is carried in every version's record.
     self.swarm = None
-    if several() and config.swarm.size % jax.device_count():
-      raise RunError(f"swarm.size: {config.swarm.size} members cannot be split evenly over "
-                     f"{jax.device_count()} devices in {jax.process_count()} processes; "
-                     f"make it a multiple of {jax.device_count()}")
     if config.swarm.size > 1:
       self.swarm = Swarm(config, tokenizer.vocab_size, tokenizer.bos_id, record.get("swarm"))
       self.step_fn = self.swarm.step
@@ -111,6 +107,10 @@ class Session:
   def open(cls, config: Config, *, run_dir: str | None, data: str | None,
            resume: bool) -> "Session":
     run_dir_path = Path(run_dir) if run_dir else Path("checkpoints") / config.name
+    if several() and config.swarm.size % jax.device_count():
+      raise RunError(f"swarm.size: {config.swarm.size} members cannot be split evenly over "
+                     f"{jax.device_count()} devices in {jax.process_count()} processes; "
+                     f"make it a multiple of {jax.device_count()}")
     source = open_source(data, max_file_bytes=config.data.max_file_bytes,
                          block_bytes=config.data.block_bytes)
     config_path = run_dir_path / CONFIG_FILE
