@@ -9,7 +9,9 @@
 `static` (no learning: the starting parameters score the stream, the match
 model still reads it), `vanilla` (score-first online learning, nothing else),
 `full` (configs/full.toml's [delta] and [replay]: everything on) and
-`full-minus-X` for X in channel, ema, kl, gate, replay, lag (lag 2 -> 1).
+`full-minus-X` for X in channel, ema, kl, gate, replay, lag (lag 2 -> 1),
+arrival (the delta update only, no plain update as each chunk is scored), and
+`vanilla-twice` (the control for arrival: two plain updates per chunk).
 `--plot` draws running bits/byte against bytes for each (needs matplotlib:
 pip install -e '.[bench]'). `--forgetting A B` streams --forgetting-bytes of
 A then of B with vanilla and full and scores held-out A (the --canary-bytes
@@ -52,8 +54,7 @@ _PLAIN = ["delta.lag=0", "delta.consistency=0", "delta.kl=0", "delta.gate=false"
           "delta.residual=0", "replay.capacity=0"]
 _MINUS = {"channel": ["delta.forecast_channel=false"], "ema": ["delta.consistency=0"],
           "kl": ["delta.kl=0"], "gate": ["delta.gate=false"], "replay": ["replay.capacity=0"],
-          "lag": ["delta.lag=1"]}
-_PLUS = {"arrival": ["delta.arrival=true"]}
+          "lag": ["delta.lag=1"], "arrival": ["delta.arrival=false"]}
 # The control for `arrival`: vanilla's update, then a second one on the same chunk
 # from where the first left off, and nothing else (its 1-token forecast unused):
 # what a second step per chunk buys without any delta part.
@@ -78,13 +79,10 @@ def ablation(name: str) -> list[str] | None:
     return full_overrides()
   if name == "vanilla-twice":
     return list(_TWICE)
-  if name.startswith("full-plus-") and name[len("full-plus-"):] in _PLUS:
-    return full_overrides() + _PLUS[name[len("full-plus-"):]]
   if name.startswith("full-minus-") and name[len("full-minus-"):] in _MINUS:
     return full_overrides() + _MINUS[name[len("full-minus-"):]]
   raise ConfigError(f"--configs: unknown entry {name!r} (known: static, vanilla, "
-                    "vanilla-twice, full, " + ", ".join(f"full-minus-{x}" for x in _MINUS)
-                    + ", " + ", ".join(f"full-plus-{x}" for x in _PLUS) + ")")
+                    "vanilla-twice, full, " + ", ".join(f"full-minus-{x}" for x in _MINUS) + ")")
 
 COMPRESSORS = {"gzip": ["gzip", "-9", "-c"], "bzip2": ["bzip2", "-9", "-c"],
                "xz": ["xz", "-9e", "-c"], "zstd": ["zstd", "-19", "-c", "-q"]}

@@ -89,3 +89,19 @@ def test_bench_step_times_variants_as_ratios(text_file, capsys):
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| with")
           or line.startswith("| without")]
   assert len(rows) == 2 and rows[0].endswith("| 1.00 |")
+
+
+def test_benchmark_ablations_each_turn_exactly_one_part_off():
+  from streamlearn.config import ConfigError, config_to_dict, load_config
+  benchmark = load_script("benchmark")
+  flat = lambda name: {(s, k): v for s, table in config_to_dict(
+      load_config(None, benchmark.ablation(name))).items() if isinstance(table, dict)
+      for k, v in table.items()}
+  full = flat("full")
+  assert full[("delta", "arrival")] and full[("delta", "lag")] == 2 and full[("delta", "gate")]
+  for part in benchmark._MINUS:
+    changed = {key for key, value in flat(f"full-minus-{part}").items() if full[key] != value}
+    assert len(changed) == 1, (part, changed)
+  assert flat("vanilla")[("delta", "lag")] == 0 and benchmark.ablation("static") is None
+  with pytest.raises(ConfigError, match="full-minus-arrival"):
+    benchmark.ablation("full-minus-everything")
