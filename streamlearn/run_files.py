@@ -15,9 +15,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from streamlearn.checkpoint import Checkpointer, RunLock, VersionError, abstract_like
+from streamlearn.checkpoint import Checkpointer, RunLock, VersionError
 from streamlearn.distributed import is_primary
-from streamlearn.learner import build, init_learner
 from streamlearn.sources import Block, Source
 from streamlearn.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
 
@@ -87,12 +86,14 @@ def lock_run(run_dir: Path) -> RunLock | _Unlocked:
 
 
 def named_base(spec: str, like_params):
-  """The parameters of version STEP (default: the newest) of run RUN_DIR, for `delta.base`.
+  """The parameters of version STEP (default: the newest) of run RUN_DIR, for `delta.base`
+  (a swarm's: its leader's).
 
   Parameters the named run lacks (the forecast channel, when it learned
   without one) keep this run's start values: the base never reads a forecast.
   """
-  from streamlearn.versions import open_run  # it imports this module
+  from streamlearn.swarm import restore_member  # they import this module
+  from streamlearn.versions import open_run
 
   run_dir, _, step = spec.partition("@")
   try:
@@ -102,12 +103,11 @@ def named_base(spec: str, like_params):
   try:
     if step and not step.isdigit():
       raise VersionError(f"{spec}: expected RUN_DIR or RUN_DIR@STEP")
-    record, tokenizer_json = run.checkpointer.read_record(
+    _, tokenizer_json = run.checkpointer.read_record(
         int(step) if step else run.checkpointer.latest_step())
     tokenizer = tokenizer_from_json(tokenizer_json, spec)
-    predictor, optimizer, _ = build(run.config, tokenizer.vocab_size)
-    fresh = init_learner(predictor, optimizer, seed=run.config.seed, bos_id=tokenizer.bos_id)
-    state, _, _ = run.checkpointer.restore(int(step) if step else None, abstract_like(fresh))
+    state, _, _ = restore_member(run.checkpointer, run.config, tokenizer.vocab_size,
+                                 tokenizer.bos_id, int(step) if step else None, "best")
   except (VersionError, ValueError, TypeError) as err:
     raise RunError(f"delta.base: {err}") from None
   finally:
