@@ -164,6 +164,12 @@ class Population:
         out[k] = scale_hparam(k, hp[k], float(rng.choice(self.cfg.perturb)))
     return out
 
+  def set_hparams(self, values: dict[str, float]) -> None:
+    """Every living member, and the centre new ones are drawn around, takes these values."""
+    self.base_hp.update(values)
+    for m in self.slots:
+      self.members[m] = {**self.members[m], "hp": {**self.members[m]["hp"], **values}}
+
   # --- views ------------------------------------------------------------------------------
 
   def seeds_N(self) -> np.ndarray:

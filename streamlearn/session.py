@@ -32,15 +32,12 @@ from streamlearn.safety import Alarm, Guard, lowered_lr_scale, rollback_candidat
 from streamlearn.sources import Source, SourceError, open_source
 from streamlearn.stream import HostChunk, TokenStream
 from streamlearn.swarm import Swarm, initial_state, member_state
-from streamlearn.run_files import (CONFIG_FILE, RunError, check_same, lock_run, named_base, read_prefix,
+from streamlearn.retune import changed_hparams, check_resumable
+from streamlearn.run_files import (CONFIG_FILE, RunError, lock_run, named_base, read_prefix,
                                    run_tokenizer, write_atomic)
 from streamlearn.tokenizer import Tokenizer, make_tokenizer
 
 log = logging.getLogger("streamlearn.run")
-
-# Sections that fix the shapes of the state: a resumed run must keep them.
-_FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens", "delta", "replay",
-                     "swarm.size")
 
 # TensorBoard tags of the step's metrics beyond the prequential score (delta learner).
 _TAGS = {"forecast_bits": "delta/forecast_bits_per_token", "forecast_agreement": "delta/agreement",
@@ -80,6 +77,10 @@ class Session:
     self.events: list[dict] = list(record.get("events", []))
     self.discarded: set[int] = set(record.get("discarded", []))
     self.parent = parent
+    # The frozen base the state's guard holds to ("": the run's start), as each version
+    # records it; versions from before that record was kept had the run's first config's.
+    self.first_base = config.delta.base
+    self.base_spec = record.get("base", config.delta.base)
     # swarm.size > 1: the state is stacked, the step vmapped, and the population
     # (scores, lineage, the next replacement) is carried in every version's record.
     self.swarm = None
@@ -151,20 +152,14 @@ class Session:
                  lock: RunLock) -> "Session":
     state = initial_state(config, tokenizer.vocab_size, tokenizer.bos_id)
     if config.delta.base and state.delta is not None and state.delta.base is not None:
-      if config.swarm.size == 1:
-        base = named_base(config.delta.base, state.params)
-      else:  # every member is guarded by the same model (the session places the copies)
-        base = jax.tree.map(
-            lambda x: np.broadcast_to(np.asarray(x), (config.swarm.size,) + x.shape).copy(),
-            named_base(config.delta.base, member_state(state.params, 0)))
-      state = state.replace(delta=state.delta.replace(base=base))
+      state = state.replace(delta=state.delta.replace(
+          base=_guard_base(config, config.delta.base, state.params)))
     return cls(config, run_dir, source, tokenizer, state, None, Totals(), lock)
 
   @classmethod
   def _resume(cls, config: Config, run_dir: Path, source: Source, lock: RunLock) -> "Session":
     saved = json.loads((run_dir / CONFIG_FILE).read_text())
-    for key in _FROZEN_ON_RESUME:
-      check_same(saved, config_to_dict(config), key)
+    check_resumable(saved, config_to_dict(config))
     checkpointer = Checkpointer(run_dir, config.checkpoint, writable=True)
     steps = checkpointer.all_steps()
     tokenizer = run_tokenizer(run_dir, checkpointer, steps)
@@ -187,8 +182,47 @@ class Session:
                   f"to {set_aside[1]}")
     totals = Totals(**got.record["totals"])
     log.info(f"resuming {run_dir} at chunk {totals.chunks:,} ({totals.bytes:,} bytes seen)")
-    return cls(config, run_dir, source, tokenizer, got.state, got.record["position"], totals,
-               lock, got.record, parent=got.step, set_aside=set_aside)
+    first_base = saved["delta"]["base"]
+    record = {"base": first_base, **got.record}
+    session = cls(config, run_dir, source, tokenizer, got.state, got.record["position"], totals,
+                  lock, record, parent=got.step, set_aside=set_aside)
+    session.first_base = first_base
+    session.state = session._retune(session.state, record)
+    if session.swarm is not None:
+      session.state = session.swarm.place(session.state)
+      session._set_members()
+      session.registry.write()
+    return session
+
+  def _retune(self, state: LearnerState, record: dict) -> LearnerState:
+    """A restored version's state with the weights and base this config asks for (retune.py)."""
+    swarm = self.swarm is not None
+    # A swarm's members explore their own values around the centre its record keeps.
+    now = (record["swarm"]["base_hp"] if swarm
+           else {k: float(np.asarray(v)) for k, v in state.hp.items()})
+    changed = changed_hparams(self.config, now)
+    if changed:
+      hp = dict(state.hp)
+      for name, (key, value) in changed.items():
+        hp[name] = jnp.full(np.shape(hp[name]), value, jnp.float32)
+        log.info(f"{key}: {now[name]:g} -> {value:g} from the config"
+                 + (", for every member" if swarm else ""))
+      state = state.replace(hp=hp)
+      if swarm:
+        self.swarm.population.set_hparams({name: v for name, (_, v) in changed.items()})
+    self.base_spec = record.get("base", self.first_base)
+    wanted = self.config.delta.base
+    if (wanted and wanted != self.base_spec and state.delta is not None
+        and state.delta.base is not None):
+      # The base's own recurrent state starts where the student's is: exact when the
+      # new base is this run's newest version, the usual case.
+      state = state.replace(delta=state.delta.replace(
+          base=_guard_base(self.config, wanted, state.params),
+          base_rec=jax.tree.map(jnp.array, state.carry.rec_state)))
+      log.info(f"delta.base: the KL guard now holds to {wanted} (was "
+               f"{self.base_spec or 'the run start'})")
+      self.base_spec = wanted
+    return state
 
   # --- the loop -------------------------------------------------------------------------
 
@@ -213,7 +247,7 @@ class Session:
               "lr_scale": float(np.max(host_state.lr_scale)),
               "scores": {"score": score, "running_bpb": running},
               "safety": self.guard.to_json(), "events": self.events,
-              "discarded": sorted(self.discarded)}
+              "discarded": sorted(self.discarded), "base": self.base_spec}
     if self.swarm is not None:
       record["swarm"] = self.swarm.to_json()
     tokenizer_json = json.loads((self.run_dir / "tokenizer.json").read_text())
@@ -403,6 +437,9 @@ class Session:
         lr_scale=jnp.full(np.shape(got.state.lr_scale), lr_scale, jnp.float32))
     if self.swarm is not None:  # the whole swarm goes back; member ids are never reused
       self.swarm.rolled_back_to(got.record["swarm"])
+    # A version from before this session's resume may predate its config's changes.
+    self.state = self._retune(self.state, got.record)
+    if self.swarm is not None:
       self.state = self.swarm.place(self.state)
     self.guard.reset()
     self.events.append(event)
@@ -470,3 +507,13 @@ class Session:
     saved = f"version {self.last_saved}" if self.last_saved is not None else "no version yet"
     return (f"{human_bytes(self.totals.bytes)} seen | {human_bytes(rate)}/s | "
             f"{self.totals.bits_per_byte:.3f} bits/byte | {saved}" + self._safety_text())
+
+
+def _guard_base(config: Config, spec: str, params):
+  """The named frozen base `spec`, shaped like `params` (stacked for a swarm)."""
+  if config.swarm.size == 1:
+    return named_base(spec, params)
+  # Every member is guarded by the same model (the session places the copies).
+  one = named_base(spec, member_state(params, 0))
+  return jax.tree.map(
+      lambda x: np.broadcast_to(np.asarray(x), (config.swarm.size,) + x.shape).copy(), one)

@@ -279,7 +279,7 @@ def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_base(
   first = tmp_path / "first"
   args = ["--config", TINY, "--data", str(tmp_path / "text.txt"), *sets]
   assert main(args + ["--run-dir", str(first), "--max-bytes", "1000"]) == 0
-  assert main(args + ["--run-dir", str(first), "--resume"]) == 0
+  assert main(args + ["--run-dir", str(first), "--resume", "--max-bytes", "600"]) == 0
   assert "resuming" in caplog.text
   tags = _tags(first)
   for tag in (b"delta/forecast_bits_per_token", b"delta/agreement", b"delta/gate",
@@ -290,6 +290,7 @@ def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_base(
   second = tmp_path / "second"
   assert main(args + ["--run-dir", str(second), "--max-bytes", "300",
                       "--set", f"delta.base={first}"]) == 0
+  _resume_with_a_stronger_guard(args, first, second, caplog, capsys)
   capsys.readouterr()
   assert main(args + ["--run-dir", str(tmp_path / "third"), "--set",
                       f"delta.base={tmp_path / 'nowhere'}"]) == 2
@@ -299,3 +300,42 @@ def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_base(
                       'canary.paths=["/no/such/canary.txt"]']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: canary.paths: /no/such/canary.txt")
+
+
+def _newest_state(run_dir: Path):
+  from streamlearn.run_files import run_tokenizer
+  from streamlearn.swarm import restore_member
+  from streamlearn.versions import open_run
+  run = open_run(run_dir)
+  try:
+    tokenizer = run_tokenizer(run_dir, run.checkpointer, run.checkpointer.all_steps())
+    state, record, _ = restore_member(run.checkpointer, run.config, tokenizer.vocab_size,
+                                      tokenizer.bos_id, None)
+  finally:
+    run.checkpointer.close()
+  return state, record
+
+
+def _resume_with_a_stronger_guard(args, first: Path, second: Path, caplog, capsys):
+  """Resuming may change the weights and the base; not what fixes the state's shapes."""
+  from streamlearn.run_files import named_base
+  resume = args + ["--run-dir", str(first), "--resume", "--max-bytes", "600"]
+  stronger = ["--set", "delta.kl=0.5", "--set", f"delta.base={second}"]
+  caplog.clear()
+  assert main(resume + stronger) == 0
+  assert "delta.kl: 0.01 -> 0.5" in caplog.text and f"now holds to {second}" in caplog.text
+  state, record = _newest_state(first)
+  assert float(state.hp["kl"]) == 0.5 and record["base"] == str(second)
+  np.testing.assert_allclose(float(state.hp["consistency"]), 0.1, rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(state.delta.base),
+                  jax.tree.leaves(named_base(str(second), state.params)), strict=True):
+    np.testing.assert_array_equal(x, y)
+  caplog.clear()  # applied once: the version now holds it
+  assert main(resume[:-2] + ["--max-bytes", "200"] + stronger) == 0
+  assert "delta.kl:" not in caplog.text and "now holds to" not in caplog.text
+  capsys.readouterr()
+  for change, message in ((["--set", "delta.lag=1"], "error: delta.lag: this run was made with 2"),
+                          (["--set", "delta.kl=0"], "error: delta.kl: this run was made with")):
+    assert main(resume + change) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err

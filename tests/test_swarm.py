@@ -167,6 +167,20 @@ def test_lineage_stays_consistent_over_many_replacements(rng):
              if e["died_chunk"] is not None)
 
 
+def test_a_resume_sets_every_living_members_hparams_and_keeps_the_dead_ones():
+  cfg = SwarmConfig(size=3, interval_bytes=100, grace_bytes=0, fresh_prob=0.0, score_chunks=2)
+  pop = Population(cfg, seed=1, base_hp={"lr": 1.0, "kl": 0.01})
+  pop.observe(np.array([3.0, 1.0, 2.0]), 100.0, np.zeros(3, bool))
+  pop.plan(100, 1)
+  dead = {m: dict(e["hp"]) for m, e in pop.members.items() if m not in pop.slots}
+  assert dead
+  pop.set_hparams({"kl": 0.5})
+  assert pop.base_hp == {"lr": 1.0, "kl": 0.5}
+  assert all(pop.members[m]["hp"]["kl"] == 0.5 for m in pop.slots)
+  assert {m: pop.members[m]["hp"] for m in dead} == dead
+  assert list(pop.hp_N()["kl"]) == [0.5] * 3
+
+
 def test_replacements_never_recompile(one_device):
   compiles = []
   listener = lambda event, duration, **_: compiles.append(event) if "backend_compile" in event \
