@@ -15,7 +15,9 @@ arrival (the delta update only, no plain update as each chunk is scored), and
 `--plot` draws running bits/byte against bytes for each (needs matplotlib:
 pip install -e '.[bench]'). `--forgetting A B` streams --forgetting-bytes of
 A then of B with vanilla and full and scores held-out A (the --canary-bytes
-of A after the streamed ones) without adaptation before and after B.
+of A after the streamed ones) without adaptation before and after B;
+`--forgetting-kl 0.3,1` adds full with the KL guard's weight raised to each
+value while B streams (what `--resume --set delta.kl=X` does).
 
 Streams the first N bytes of the data through the learner with a config
 (default: configs/default.toml's values), score first, then learn, exactly as
@@ -33,6 +35,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import shutil
 import subprocess
@@ -41,6 +44,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from streamlearn.config import ConfigError, config_to_dict, load_config
 from streamlearn.learner import build, init_learner, make_score
@@ -168,11 +172,14 @@ def run_config(config_path: str | None, overrides: list[str] | None, spec: str |
 
 
 def forgetting(config_path: str | None, base_overrides: list[str], a_spec: str, b_spec: str,
-               n: int, canary_bytes: int, names: list[str]) -> list[dict]:
+               n: int, canary_bytes: int, names: list[str],
+               kl_on_b: tuple[float, ...] = ()) -> list[dict]:
   """Canary bits/byte on held-out A after streaming A, and again after B, per config.
 
   With a KL guard, the base becomes the model as A left it, as a run resumed
-  on new data with `delta.base` naming its own checkpoint would have it.
+  on new data with `delta.base` naming its own checkpoint would have it; each
+  of `kl_on_b` adds a row that also sets the guard's weight to it for B (as
+  `--resume --set delta.kl=X` would), from the same state after A.
   """
   rows = []
   for name in names:
@@ -190,15 +197,22 @@ def forgetting(config_path: str | None, base_overrides: list[str], a_spec: str, 
 
     state, on_a = learn_through(step, state, _stream(config, tokenizer, a_spec, n))
     before = canary(state.params)
-    if state.delta is not None and state.delta.base is not None:
+    guarded = state.delta is not None and state.delta.base is not None
+    if guarded:
       state = state.replace(delta=state.delta.replace(
           base=jax.tree.map(lambda x: x.copy(), state.params),
           base_rec=jax.tree.map(lambda x: x.copy(), state.carry.rec_state)))
-    state, on_b = learn_through(step, state, _stream(config, tokenizer, b_spec, n))
-    after = canary(state.params)
-    rows.append({"config": name, "a_bpb": on_a.bits_per_byte, "b_bpb": on_b.bits_per_byte,
-                 "canary_before": before, "canary_after": after,
-                 "rise_pct": 100 * (after - before) / before})
+    for kl in [None] + (list(kl_on_b) if guarded else []):
+      # Each B starts from its own copy of the state after A: the step donates it.
+      b_state = jax.tree.map(jnp.copy, state)
+      if kl is not None:
+        b_state = b_state.replace(hp={**b_state.hp, "kl": jnp.asarray(kl, jnp.float32)})
+      b_state, on_b = learn_through(step, b_state, _stream(config, tokenizer, b_spec, n))
+      after = canary(b_state.params)
+      rows.append({"config": name if kl is None else f"{name}, delta.kl={kl:g} on B",
+                   "a_bpb": on_a.bits_per_byte, "b_bpb": on_b.bits_per_byte,
+                   "canary_before": before, "canary_after": after,
+                   "rise_pct": 100 * (after - before) / before})
   return rows
 
 
@@ -255,6 +269,16 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
+def _floats(text: str) -> tuple[float, ...]:
+  try:
+    values = tuple(float(x) for x in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+  if any(not math.isfinite(v) or v <= 0 for v in values):
+    raise argparse.ArgumentTypeError(f"weights must be positive, got {text!r}")
+  return values
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data", required=True, help="a file, a directory, or 'stdlib'")
@@ -268,6 +292,8 @@ def main(argv=None) -> int:
                       help="stream A then B (vanilla, full); canary = held-out A")
   parser.add_argument("--forgetting-bytes", type=int, default=300_000,
                       help="bytes of A, then of B, in the forgetting check")
+  parser.add_argument("--forgetting-kl", type=_floats, default=(), metavar="X,Y",
+                      help="also full with delta.kl set to each of these while B streams")
   parser.add_argument("--canary-bytes", type=int, default=50_000,
                       help="held-out A: this many bytes of A after the streamed ones")
   args = parser.parse_args(argv)
@@ -293,7 +319,7 @@ def main(argv=None) -> int:
     if args.forgetting:
       a, b = (None if x == "stdlib" else x for x in args.forgetting)
       rows = forgetting(args.config, args.set, a, b, args.forgetting_bytes, args.canary_bytes,
-                        ["vanilla", "full"])
+                        ["vanilla", "full"], args.forgetting_kl)
   except (ConfigError, SourceError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -81,6 +81,19 @@ def test_benchmark_reports_the_schema(tmp_path, text_file, capsys):
   assert "| streamlearn tiny |" in capsys.readouterr().out
 
 
+def test_benchmark_forgetting_check_with_a_stronger_guard_on_b(text_file, capsys):
+  benchmark = load_script("benchmark")
+  assert benchmark.main(["--data", str(text_file), "--bytes", "300", "--config", TINY,
+                         "--forgetting", str(text_file), "stdlib", "--forgetting-bytes", "600",
+                         "--canary-bytes", "300", "--forgetting-kl", "1"]) == 0
+  rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| vanilla") or line.startswith("| full")]
+  assert rows == ["vanilla", "full", "full, delta.kl=1 on B"]
+  with pytest.raises(SystemExit):
+    benchmark.main(["--data", str(text_file), "--forgetting-kl", "1,x"])
+  assert "--forgetting-kl: expected comma-separated numbers" in capsys.readouterr().err
+
+
 def test_bench_step_times_variants_as_ratios(text_file, capsys):
   bench_step = load_script("bench_step")
   assert bench_step.main(["--config", TINY, "--data", str(text_file), "--chunks", "2",
