@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -182,9 +183,16 @@ class Session:
                   f"to {set_aside[1]}")
     totals = Totals(**got.record["totals"])
     log.info(f"resuming {run_dir} at chunk {totals.chunks:,} ({totals.bytes:,} bytes seen)")
+    position = got.record["position"]
+    if not _same_source(got.record.get("source"), source):
+      # New data (another file, or more of a pipe): from its start, after the tokens
+      # the last source left unlearned; a saved offset means nothing in it.
+      log.info(f"resuming onto new data: {source.name} streams from its start (the run last "
+               f"read {got.record.get('source')})")
+      position = {**position, "source": None, "skip": 0}
     first_base = saved["delta"]["base"]
     record = {"base": first_base, **got.record}
-    session = cls(config, run_dir, source, tokenizer, got.state, got.record["position"], totals,
+    session = cls(config, run_dir, source, tokenizer, got.state, position, totals,
                   lock, record, parent=got.step, set_aside=set_aside)
     session.first_base = first_base
     session.state = session._retune(session.state, record)
@@ -425,10 +433,12 @@ class Session:
       return None
     lr_scale = lowered_lr_scale(float(np.max(self.state.lr_scale)), cfg)
     discarded = [s for s in steps if s > got.step]
+    # Only the source the version was read from can be streamed again (never a pipe).
+    replay = cfg.replay and _same_source(got.record.get("source"), self.source)
     event = {"kind": "rollback", "time": time.time(), "reason": alarm.reason,
              "detail": alarm.detail, "chunk": alarm.chunk, "to": got.step,
              "discarded": discarded, "unreadable": [s for s, _ in got.unreadable],
-             "lr_scale": lr_scale, "replay": cfg.replay}
+             "lr_scale": lr_scale, "replay": replay}
     log.warning(f"rollback at chunk {alarm.chunk:,}: {alarm.detail}; restored version "
                 f"{got.step}, learning rate x{lr_scale:g}")
     self._writer.add_scalar("safety/rollback_to", got.step, alarm.chunk)
@@ -445,7 +455,7 @@ class Session:
     self.events.append(event)
     self.parent = got.step
     self.registry.add_event(event)
-    if cfg.replay:  # the stream goes back too; the versions after the target move aside
+    if replay:  # the stream goes back too; the versions after the target move aside
       where = move_aside(self.run_dir, discarded, f"rolled-back-from-{alarm.chunk}")
       self.checkpointer.reload()
       self.registry.mark_aside(discarded, where)
@@ -517,3 +527,10 @@ def _guard_base(config: Config, spec: str, params):
   one = named_base(spec, member_state(params, 0))
   return jax.tree.map(
       lambda x: np.broadcast_to(np.asarray(x), (config.swarm.size,) + x.shape).copy(), one)
+
+
+def _same_source(saved_name: str | None, source: Source) -> bool:
+  """Whether a version's position is in `source`: the same file or directory, not a pipe."""
+  if saved_name is None or source.kind == "stdin":
+    return False
+  return os.path.realpath(saved_name) == os.path.realpath(source.name)

@@ -67,6 +67,26 @@ def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, text_file)
     np.testing.assert_array_equal(x, y)
 
 
+def test_resuming_onto_new_data_learns_all_of_it(tmp_path, text_file, monkeypatch, caplog):
+  # More text pushed through a pipe, then another file: each from its start, none skipped.
+  import io
+  run_dir, data = tmp_path / "run", text_file.read_bytes()
+  args = ["--config", TINY, "--run-dir", str(run_dir)]
+  monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data[:700])))
+  assert main(args + ["--data", "-"]) == 0
+  monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data[700:1500])))
+  assert main(args + ["--data", "-", "--resume"]) == 0
+  assert "resuming onto new data: stdin streams from its start" in caplog.text
+  assert final_state(run_dir)[1]["totals"]["bytes"] == 1500
+  other = tmp_path / "other.txt"
+  other.write_bytes(data[1500:2000])
+  assert main(args + ["--data", str(other), "--resume", "--max-bytes", "200"]) == 0
+  caplog.clear()  # the same file again, named another way: it goes on where it stopped
+  assert main(args + ["--data", f"{tmp_path}/./other.txt", "--resume"]) == 0
+  assert "new data" not in caplog.text
+  assert final_state(run_dir)[1]["totals"]["bytes"] == 2000
+
+
 def test_bpe_run_trains_its_tokenizer_once_and_resumes_with_it(tmp_path, text_file):
   run_dir = tmp_path / "bpe"
   args = ["--config", TINY, "--data", str(text_file), "--run-dir", str(run_dir),

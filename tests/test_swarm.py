@@ -295,8 +295,9 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processe
     Learner.load(straight, member=0 if 0 not in members["slots"] else 10_000)
   # Two processes (2 devices each) sharing one run directory made the same first part,
   # and it resumes in one process (its versions read whole) into the same run.
-  shared = two_processes()
-  assert main(args + ["--run-dir", str(shared), "--resume"]) == 0
+  shared = two_processes()  # its own copy of the text: a resume goes on in the same file
+  assert main(CLI_SWARM + ["--data", str(shared.parent / "text.txt"), "--run-dir", str(shared),
+                           "--resume"]) == 0
   theirs = json.loads((shared / "registry.json").read_text())["members"]
   # The same members, born alike; their scores equal to float rounding (1 device vs 4).
   scores = lambda m: [np.asarray(e.pop("scores")) for e in m["lineage"]]
