@@ -1,4 +1,4 @@
-"""What a resume may change in a run, and what it must keep.
+"""What a resume may change in a run, what it must keep, and where its stream goes on.
 
 A run's state fixes part of its config: the network, the `delta.lag` slots of
 the forecast ring, the replay buffer, and whether an EMA teacher, a frozen
@@ -8,14 +8,26 @@ are the user's to change when resuming, e.g. a stronger KL guard towards the
 model as it is now before streaming new data (docs/benchmarks.md, forgetting).
 The version being resumed, not the run's first config, says what the state
 holds now, so a change is applied once and a rollback behind it re-applies it.
+A version's stream position goes on only in the source it was read from.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from streamlearn.config import Config
-from streamlearn.run_files import RunError, check_same
+from streamlearn.learner import LearnerState
+from streamlearn.pbt import Population
+from streamlearn.run_files import RunError, check_same, named_base
+from streamlearn.sources import Source
+from streamlearn.swarm import member_state
+
+log = logging.getLogger("streamlearn.run")
 
 # Keys that fix the shapes of the state.
 FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens", "delta.lag",
@@ -60,3 +72,54 @@ def changed_hparams(config: Config, now: dict[str, float]) -> dict[str, tuple[st
     if name in now and np.float32(want) != np.float32(now[name]):
       changed[name] = (key, float(want))
   return changed
+
+
+def retuned(config: Config, state: LearnerState, record: dict, first_base: str,
+            population: Population | None) -> tuple[LearnerState, str]:
+  """(state, the base it now holds to) for a restored version under this config.
+
+  `record` is the version's; `first_base` the run's first config's `delta.base`,
+  for versions from before each recorded its own. A swarm's `population` takes
+  the new values too. Logs each change.
+  """
+  # A swarm's members explore their own values around the centre its record keeps.
+  now = (record["swarm"]["base_hp"] if population is not None
+         else {k: float(np.asarray(v)) for k, v in state.hp.items()})
+  changed = changed_hparams(config, now)
+  if changed:
+    hp = dict(state.hp)
+    for name, (key, value) in changed.items():
+      hp[name] = jnp.full(np.shape(hp[name]), value, jnp.float32)
+      log.info(f"{key}: {now[name]:g} -> {value:g} from the config"
+               + (", for every member" if population is not None else ""))
+    state = state.replace(hp=hp)
+    if population is not None:
+      population.set_hparams({name: v for name, (_, v) in changed.items()})
+  held = record.get("base", first_base)
+  wanted = config.delta.base
+  if wanted and wanted != held and state.delta is not None and state.delta.base is not None:
+    # The base's own recurrent state starts where the student's is: exact when the
+    # new base is this run's newest version, the usual case.
+    state = state.replace(delta=state.delta.replace(
+        base=guard_base(config, wanted, state.params),
+        base_rec=jax.tree.map(jnp.array, state.carry.rec_state)))
+    log.info(f"delta.base: the KL guard now holds to {wanted} (was {held or 'the run start'})")
+    held = wanted
+  return state, held
+
+
+def guard_base(config: Config, spec: str, params):
+  """The named frozen base `spec`, shaped like `params` (stacked for a swarm)."""
+  if config.swarm.size == 1:
+    return named_base(spec, params)
+  # Every member is guarded by the same model (the session places the copies).
+  one = named_base(spec, member_state(params, 0))
+  return jax.tree.map(
+      lambda x: np.broadcast_to(np.asarray(x), (config.swarm.size,) + x.shape).copy(), one)
+
+
+def same_source(saved_name: str | None, source: Source) -> bool:
+  """Whether a version's position is in `source`: the same file or directory, not a pipe."""
+  if saved_name is None or source.kind == "stdin":
+    return False
+  return os.path.realpath(saved_name) == os.path.realpath(source.name)

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -32,9 +31,9 @@ from streamlearn.registry import Registry
 from streamlearn.safety import Alarm, Guard, lowered_lr_scale, rollback_candidates
 from streamlearn.sources import Source, SourceError, open_source
 from streamlearn.stream import HostChunk, TokenStream
-from streamlearn.swarm import Swarm, initial_state, member_state
-from streamlearn.retune import changed_hparams, check_resumable
-from streamlearn.run_files import (CONFIG_FILE, RunError, lock_run, named_base, read_prefix,
+from streamlearn.swarm import Swarm, initial_state
+from streamlearn.retune import check_resumable, guard_base, retuned, same_source
+from streamlearn.run_files import (CONFIG_FILE, RunError, lock_run, read_prefix,
                                    run_tokenizer, write_atomic)
 from streamlearn.tokenizer import Tokenizer, make_tokenizer
 
@@ -154,7 +153,7 @@ class Session:
     state = initial_state(config, tokenizer.vocab_size, tokenizer.bos_id)
     if config.delta.base and state.delta is not None and state.delta.base is not None:
       state = state.replace(delta=state.delta.replace(
-          base=_guard_base(config, config.delta.base, state.params)))
+          base=guard_base(config, config.delta.base, state.params)))
     return cls(config, run_dir, source, tokenizer, state, None, Totals(), lock)
 
   @classmethod
@@ -184,7 +183,7 @@ class Session:
     totals = Totals(**got.record["totals"])
     log.info(f"resuming {run_dir} at chunk {totals.chunks:,} ({totals.bytes:,} bytes seen)")
     position = got.record["position"]
-    if not _same_source(got.record.get("source"), source):
+    if not same_source(got.record.get("source"), source):
       # New data (another file, or more of a pipe): from its start, after the tokens
       # the last source left unlearned; a saved offset means nothing in it.
       log.info(f"resuming onto new data: {source.name} streams from its start (the run last "
@@ -203,33 +202,9 @@ class Session:
     return session
 
   def _retune(self, state: LearnerState, record: dict) -> LearnerState:
-    """A restored version's state with the weights and base this config asks for (retune.py)."""
-    swarm = self.swarm is not None
-    # A swarm's members explore their own values around the centre its record keeps.
-    now = (record["swarm"]["base_hp"] if swarm
-           else {k: float(np.asarray(v)) for k, v in state.hp.items()})
-    changed = changed_hparams(self.config, now)
-    if changed:
-      hp = dict(state.hp)
-      for name, (key, value) in changed.items():
-        hp[name] = jnp.full(np.shape(hp[name]), value, jnp.float32)
-        log.info(f"{key}: {now[name]:g} -> {value:g} from the config"
-                 + (", for every member" if swarm else ""))
-      state = state.replace(hp=hp)
-      if swarm:
-        self.swarm.population.set_hparams({name: v for name, (_, v) in changed.items()})
-    self.base_spec = record.get("base", self.first_base)
-    wanted = self.config.delta.base
-    if (wanted and wanted != self.base_spec and state.delta is not None
-        and state.delta.base is not None):
-      # The base's own recurrent state starts where the student's is: exact when the
-      # new base is this run's newest version, the usual case.
-      state = state.replace(delta=state.delta.replace(
-          base=_guard_base(self.config, wanted, state.params),
-          base_rec=jax.tree.map(jnp.array, state.carry.rec_state)))
-      log.info(f"delta.base: the KL guard now holds to {wanted} (was "
-               f"{self.base_spec or 'the run start'})")
-      self.base_spec = wanted
+    """A restored version's state with the weights and base this config asks for."""
+    state, self.base_spec = retuned(self.config, state, record, self.first_base,
+                                    self.swarm.population if self.swarm is not None else None)
     return state
 
   # --- the loop -------------------------------------------------------------------------
@@ -434,7 +409,7 @@ class Session:
     lr_scale = lowered_lr_scale(float(np.max(self.state.lr_scale)), cfg)
     discarded = [s for s in steps if s > got.step]
     # Only the source the version was read from can be streamed again (never a pipe).
-    replay = cfg.replay and _same_source(got.record.get("source"), self.source)
+    replay = cfg.replay and same_source(got.record.get("source"), self.source)
     event = {"kind": "rollback", "time": time.time(), "reason": alarm.reason,
              "detail": alarm.detail, "chunk": alarm.chunk, "to": got.step,
              "discarded": discarded, "unreadable": [s for s, _ in got.unreadable],
@@ -518,19 +493,3 @@ class Session:
     return (f"{human_bytes(self.totals.bytes)} seen | {human_bytes(rate)}/s | "
             f"{self.totals.bits_per_byte:.3f} bits/byte | {saved}" + self._safety_text())
 
-
-def _guard_base(config: Config, spec: str, params):
-  """The named frozen base `spec`, shaped like `params` (stacked for a swarm)."""
-  if config.swarm.size == 1:
-    return named_base(spec, params)
-  # Every member is guarded by the same model (the session places the copies).
-  one = named_base(spec, member_state(params, 0))
-  return jax.tree.map(
-      lambda x: np.broadcast_to(np.asarray(x), (config.swarm.size,) + x.shape).copy(), one)
-
-
-def _same_source(saved_name: str | None, source: Source) -> bool:
-  """Whether a version's position is in `source`: the same file or directory, not a pipe."""
-  if saved_name is None or source.kind == "stdin":
-    return False
-  return os.path.realpath(saved_name) == os.path.realpath(source.name)
