@@ -19,7 +19,8 @@ import time
 import jax
 
 from streamlearn.config import load_config
-from streamlearn.learner import build, init_learner
+from streamlearn.build import build
+from streamlearn.learner import init_learner
 from streamlearn.prequential import device_chunk
 from streamlearn.sources import open_source
 from streamlearn.stream import TokenStream

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from streamlearn.config import load_config
-from streamlearn.learner import build
+from streamlearn.build import build
 from streamlearn.prequential import device_chunk
 from streamlearn.sources import open_source
 from streamlearn.stream import TokenStream

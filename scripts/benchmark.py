@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 
 from streamlearn.config import ConfigError, config_to_dict, load_config
-from streamlearn.learner import build, init_learner, make_score
+from streamlearn.build import build
+from streamlearn.learner import init_learner, make_score
 from streamlearn.prequential import learn_through, score_through
 from streamlearn.sources import SourceError, open_source
 from streamlearn.stream import TokenStream

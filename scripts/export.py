@@ -9,7 +9,7 @@ bits/byte when the version was saved) or a member id alive in that version; a
 single learner's run has member 0 (also `best`). Prints the artifact's size against the version's full
 checkpoint and, with --eval-data, the bits/byte of the float and the int8
 parameters on that data (frozen, from a fresh recurrent state: as the
-artifact is used). `python -m streamlearn.export FILE --prompt ...` generates.
+artifact is used). `python -m streamlearn.generate FILE --prompt ...` generates.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import jax
 from streamlearn.checkpoint import VERSIONS_DIR, VersionError
 from streamlearn.console import log_to_stderr
 from streamlearn.export import ArtifactError, pack, unpack
-from streamlearn.learner import build, make_score
+from streamlearn.build import build
+from streamlearn.learner import make_score
 from streamlearn.prequential import score_through
 from streamlearn.sources import SourceError, open_source
 from streamlearn.stream import TokenStream
 from streamlearn.swarm import restore_member
 from streamlearn.tokenizer import tokenizer_from_json
-from streamlearn.versions import open_run
+from streamlearn.rundir import open_run
 
 
 def _version(run, step: str | None) -> int:

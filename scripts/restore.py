@@ -17,11 +17,12 @@ import argparse
 import sys
 import time
 
-from streamlearn.checkpoint import BASE_STEP, RunLock, VersionError, abstract_like, move_aside
+from streamlearn.checkpoint import BASE_STEP, VersionError, abstract_like
+from streamlearn.rundir import RunLock, move_aside
 from streamlearn.console import log_to_stderr
 from streamlearn.swarm import initial_state
 from streamlearn.tokenizer import tokenizer_from_json
-from streamlearn.versions import open_run
+from streamlearn.rundir import open_run
 
 
 def restore(run_dir: str, step: int, *, reset: bool) -> str:

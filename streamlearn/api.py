@@ -25,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamlearn.checkpoint import Checkpointer
-from streamlearn.config import Config, config_from_dict, load_config
-from streamlearn.learner import Carry, Chunk, Predictor, build, init_learner
+from streamlearn.config import Config, ConfigError, config_from_dict, load_config
+from streamlearn.export import ArtifactError, read_artifact
+from streamlearn.learner import Carry, Chunk, Predictor, init_learner
+from streamlearn.build import build
 from streamlearn.swarm import restore_member
-from streamlearn.tokenizer import Tokenizer, load_tokenizer, make_tokenizer
+from streamlearn.tokenizer import Tokenizer, load_tokenizer, make_tokenizer, tokenizer_from_json
 
 
 def _as_bytes(text: str | bytes) -> bytes:
@@ -171,3 +173,21 @@ class Learner:
     tokens = _sampler(self.predictor, max_tokens)(self.state.params, carry,
                                                   jax.random.PRNGKey(seed), float(temperature))
     return self.tokenizer.decode(np.asarray(tokens)).decode("utf-8", errors="replace")
+
+
+def load_artifact(path: str | Path):
+  """A `streamlearn.Learner` with the artifact's (dequantized) parameters."""
+  blob = read_artifact(path)
+  try:
+    config = config_from_dict(blob["config"])
+    tokenizer = tokenizer_from_json(blob["tokenizer"], f"{path} tokenizer")
+  except (ConfigError, ValueError, KeyError) as err:
+    raise ArtifactError(f"{path}: {err}") from None
+  learner = Learner(config, tokenizer)
+  params = jax.tree.map(jnp.asarray, blob["params"])
+  shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
+  if (jax.tree.structure(params) != jax.tree.structure(learner.state.params)
+      or shapes(params) != shapes(learner.state.params)):
+    raise ArtifactError(f"{path}: its parameters do not fit its config's model")
+  learner.state = learner.state.replace(params=params)
+  return learner

@@ -20,7 +20,6 @@ the `keep_best` best by score, and version 0 — the original base — always.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -42,7 +41,6 @@ from streamlearn.distributed import barrier, everywhere, host_copy, is_primary, 
 log = logging.getLogger(__name__)
 
 VERSIONS_DIR = "versions"
-ASIDE_DIR = "aside"
 BASE_STEP = 0  # the original base: saved before any learning, never rotated away
 
 
@@ -236,65 +234,6 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def move_aside(run_dir: Path, steps: list[int], why: str) -> Path | None:
-  """Moves versions out of versions/ into aside/<time>-<why>/ (kept, never deleted).
-
-  Over several processes: process 0 moves them, the others wait until it has
-  (and get None: the place is process 0's to record).
-  """
-  if not steps:
-    return None
-  if not is_primary():
-    barrier(f"move-aside-{why}")
-    return None
-  try:
-    return _move_aside(Path(run_dir), steps, why)
-  finally:
-    barrier(f"move-aside-{why}")
-
-
-def _move_aside(run_dir: Path, steps: list[int], why: str) -> Path:
-  aside = run_dir / ASIDE_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
-  n = 1
-  while aside.exists():
-    n += 1
-    aside = aside.with_name(f"{aside.name.rsplit('~', 1)[0]}~{n}")
-  aside.mkdir(parents=True)
-  # Newest first: a crash halfway leaves the oldest of them as the latest, not a gap.
-  for step in sorted(steps, reverse=True):
-    os.replace(run_dir / VERSIONS_DIR / str(step), aside / str(step))
-  return aside
-
-
-class RunLock:
-  """One writer per run directory: the run, or a restore; never both at once.
-
-  An advisory lock on <run_dir>/.lock that the OS drops when its holder exits,
-  so a run killed with SIGKILL never leaves a stale lock behind.
-  """
-
-  def __init__(self, run_dir: Path):
-    if not Path(run_dir).is_dir():
-      raise VersionError(f"{run_dir}: no such run directory")
-    self.path = Path(run_dir) / ".lock"
-    self._file = open(self.path, "a+")
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      self._file.seek(0)
-      holder = self._file.read().strip() or "another process"
-      self._file.close()
-      raise VersionError(f"{run_dir} is in use by {holder}; stop it first") from None
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.write(f"pid {os.getpid()}")
-    self._file.flush()
-
-  def release(self) -> None:
-    if not self._file.closed:
-      self._file.close()
 
 
 def abstract_like(state: Any) -> Any:

@@ -9,7 +9,7 @@ syntax for the value (`3e-3`, `true`, `"text"`); a bare word that is not valid
 TOML is taken as a string, so `--set tokenizer.kind=bpe` needs no quotes.
 
 `[model] preset = "micro"` starts the model from a named size in
-`streamlearn.model.PRESETS`; keys given beside it override the preset's.
+`PRESETS` below; keys given beside it override the preset's.
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ class ModelConfig:
   mlp_mult: int = 6           # MLP hidden width = mlp_mult * d_model
   conv_width: int = 4         # taps of the short causal depthwise conv
   scan_impl: str = "auto"     # linear_scan: auto | lax | associative | blocked | pallas
+
+
+# Sizes from ~0.1M to ~30M parameters (byte vocabulary), for `[model] preset`.
+PRESETS: dict[str, ModelConfig] = {
+    "nano": ModelConfig(d_model=64, n_layers=2, lru_width=64, mlp_mult=3),        # ~0.13M
+    "micro": ModelConfig(d_model=128, n_layers=3, lru_width=128, mlp_mult=3),     # ~0.72M
+    "small": ModelConfig(d_model=256, n_layers=4, lru_width=256, mlp_mult=3),     # ~3.7M
+    "medium": ModelConfig(d_model=384, n_layers=6, lru_width=384, mlp_mult=3),    # ~12M
+    "large": ModelConfig(d_model=512, n_layers=8, lru_width=512, mlp_mult=3),     # ~29M
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,8 +275,6 @@ def _build(cls, table: Any, prefix: str):
 
 
 def _apply_preset(table: dict, prefix: str) -> dict:
-  from streamlearn.model import PRESETS  # the sizes live beside the model
-
   table = dict(table)
   name = table.pop("preset")
   if name not in PRESETS:

@@ -1,7 +1,5 @@
 """Inference artifacts: one version's parameters in int8, with its config and tokenizer.
 
-    python -m streamlearn.export model.slm --prompt "The " [--tokens 200] [--temperature 0.8]
-
 One msgpack map (no pickle, no msgpack extension types):
   format, version   "streamlearn.artifact", 1
   config            the run's config (as in config.json)
@@ -16,14 +14,12 @@ channel: a Dense kernel's columns (last axis), an embedding's rows (axis 0:
 each token's vector, and its logit through the tied head). Vectors (norm
 scales, biases, LRU decay logits) and matrices under 1,024 entries (the match
 model's trust table) stay float32: they are few and sensitive.
-The loader dequantizes to float32 and hands back a `streamlearn.Learner`, which
-generates text (and can even keep learning).
+`read_artifact` dequantizes to float32; `streamlearn.api.load_artifact` hands
+back a `streamlearn.Learner`, which generates text (and can even keep learning).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import msgpack
@@ -118,51 +114,3 @@ def read_artifact(path: str | Path) -> dict:
     return unpack(data)
   except ArtifactError as err:
     raise ArtifactError(f"{path}: {err}") from None
-
-
-def load_artifact(path: str | Path):
-  """A `streamlearn.Learner` with the artifact's (dequantized) parameters."""
-  import jax
-  import jax.numpy as jnp
-
-  from streamlearn.api import Learner
-  from streamlearn.config import ConfigError, config_from_dict
-  from streamlearn.tokenizer import tokenizer_from_json
-
-  blob = read_artifact(path)
-  try:
-    config = config_from_dict(blob["config"])
-    tokenizer = tokenizer_from_json(blob["tokenizer"], f"{path} tokenizer")
-  except (ConfigError, ValueError, KeyError) as err:
-    raise ArtifactError(f"{path}: {err}") from None
-  learner = Learner(config, tokenizer)
-  params = jax.tree.map(jnp.asarray, blob["params"])
-  shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
-  if (jax.tree.structure(params) != jax.tree.structure(learner.state.params)
-      or shapes(params) != shapes(learner.state.params)):
-    raise ArtifactError(f"{path}: its parameters do not fit its config's model")
-  learner.state = learner.state.replace(params=params)
-  return learner
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m streamlearn.export",
-                                   description="Generate text from an exported artifact.")
-  parser.add_argument("artifact")
-  parser.add_argument("--prompt", default="")
-  parser.add_argument("--tokens", type=int, default=200)
-  parser.add_argument("--temperature", type=float, default=0.8)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  try:
-    learner = load_artifact(args.artifact)
-  except ArtifactError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(args.prompt + learner.generate(args.prompt, max_tokens=args.tokens,
-                                       temperature=args.temperature, seed=args.seed))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -209,18 +209,14 @@ def learn_if_finite(ok, learn, old: LearnerState,
   return new, 1.0 - ok.astype(jnp.float32)
 
 
-def make_step(predictor: Predictor, optimizer: optax.GradientTransformation, optim_cfg: OptimConfig):
-  """The jitted step(state, chunk) -> (state, metrics); `state` is donated.
+def make_plain_step(predictor: Predictor, optimizer: optax.GradientTransformation,
+                    optim_cfg: OptimConfig):
+  """The plain learner's jitted step(state, chunk) -> (state, metrics); `state` is donated.
 
   The key for the step's random draws is `fold_in(state.rng, state.step)`:
   it lives in the state so checkpoints carry it and a resumed run draws the
   same numbers (this learner draws none yet; later parts of the step do).
   """
-
-  if predictor.delta is not None:
-    from streamlearn.delta_step import make_delta_step  # it builds on this module
-
-    return make_delta_step(predictor, optimizer, optim_cfg)
 
   def step(state: LearnerState, chunk: Chunk) -> tuple[LearnerState, dict]:
     def loss_fn(params):
@@ -263,11 +259,3 @@ def make_score(predictor: Predictor):
 
   return jax.jit(score)
 
-
-@functools.cache
-def build(config: Config, vocab_size: int):
-  """(predictor, optimizer, step) for a config and a vocabulary size; cached, so
-  runs in one process with the same config share one compiled step."""
-  predictor = make_predictor(config, vocab_size)
-  optimizer = make_optimizer(config.optim, config.match.lr_mult)
-  return predictor, optimizer, make_step(predictor, optimizer, config.optim)

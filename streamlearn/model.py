@@ -30,15 +30,6 @@ from streamlearn.config import ModelConfig
 from streamlearn.match import MatchFeatures
 from streamlearn.scan import linear_scan
 
-# Sizes from ~0.1M to ~30M parameters (byte vocabulary), for `[model] preset`.
-PRESETS: dict[str, ModelConfig] = {
-    "nano": ModelConfig(d_model=64, n_layers=2, lru_width=64, mlp_mult=3),        # ~0.13M
-    "micro": ModelConfig(d_model=128, n_layers=3, lru_width=128, mlp_mult=3),     # ~0.72M
-    "small": ModelConfig(d_model=256, n_layers=4, lru_width=256, mlp_mult=3),     # ~3.7M
-    "medium": ModelConfig(d_model=384, n_layers=6, lru_width=384, mlp_mult=3),    # ~12M
-    "large": ModelConfig(d_model=512, n_layers=8, lru_width=512, mlp_mult=3),     # ~29M
-}
-
 # RG-LRU: the decay is a^(c * r_t) with a learned a in (0, 1) and gate r_t;
 # c = 8 as in Griffin, so a^c at init spans a useful range of memory lengths.
 _LRU_C = 8.0

@@ -29,6 +29,7 @@ import math
 import numpy as np
 
 from streamlearn.config import SwarmConfig
+from streamlearn.registry import registry_view
 
 _DECAY_SUFFIX = "_decay"
 _DECAY_EPS = 1e-6  # keeps a decay strictly inside (0, 1) in float32
@@ -225,8 +226,3 @@ def _entry(member: int, parent: int | None, kind: str, seed: int, chunk: int, n_
   return {"id": member, "parent": parent, "kind": kind, "seed": seed, "born_chunk": chunk,
           "born_bytes": n_bytes, "died_chunk": None, "hp": dict(hp), "scores": []}
 
-
-def registry_view(saved: dict) -> dict:
-  """The `members` section of registry.json, from a population's saved state."""
-  return {"leader": saved["leader"], "slots": list(saved["slots"]),
-          "lineage": list(saved["members"])}

@@ -34,7 +34,6 @@ from typing import Callable
 
 from streamlearn.checkpoint import BASE_STEP, VersionError
 from streamlearn.distributed import is_primary
-from streamlearn.pbt import registry_view
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ class Registry:
     self.data["versions"].sort(key=lambda e: e["step"])
 
   def set_members(self, members: dict) -> None:
-    """A swarm's lineage (pbt.registry_view), replacing the previous one."""
+    """A swarm's lineage (registry_view), replacing the previous one."""
     self.data["members"] = members
 
   def add_event(self, event: dict) -> None:
@@ -158,3 +157,9 @@ def _score(entry: dict) -> float | None:
 def _merge_events(mine: list[dict], theirs: list[dict]) -> list[dict]:
   seen = {json.dumps(e, sort_keys=True) for e in mine}
   return mine + [e for e in theirs if json.dumps(e, sort_keys=True) not in seen]
+
+
+def registry_view(saved: dict) -> dict:
+  """The `members` section of registry.json, from a population's saved state."""
+  return {"leader": saved["leader"], "slots": list(saved["slots"]),
+          "lineage": list(saved["members"])}

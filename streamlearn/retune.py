@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from streamlearn.checkpoint import VersionError
 from streamlearn.config import Config
 from streamlearn.learner import LearnerState
 from streamlearn.pbt import Population
-from streamlearn.run_files import RunError, check_same, named_base
 from streamlearn.sources import Source
-from streamlearn.swarm import member_state
+from streamlearn.rundir import RunError, open_run
+from streamlearn.swarm import member_state, restore_member
+from streamlearn.tokenizer import tokenizer_from_json
 
 log = logging.getLogger("streamlearn.run")
 
@@ -123,3 +125,47 @@ def same_source(saved_name: str | None, source: Source) -> bool:
   if saved_name is None or source.kind == "stdin":
     return False
   return os.path.realpath(saved_name) == os.path.realpath(source.name)
+
+
+def check_same(saved: dict, current: dict, key: str) -> None:
+  node_s, node_c = saved, current
+  for part in key.split("."):
+    node_s, node_c = node_s.get(part), node_c.get(part)
+  if node_s != node_c:
+    raise RunError(f"{key}: this run was made with {node_s!r}, the config says {node_c!r}; "
+                   f"resume with the run's own config or start a new --run-dir")
+
+
+def named_base(spec: str, like_params):
+  """The parameters of version STEP (default: the newest) of run RUN_DIR, for `delta.base`
+  (a swarm's: its leader's).
+
+  Parameters the named run lacks (the forecast channel, when it learned
+  without one) keep this run's start values: the base never reads a forecast.
+  """
+  run_dir, _, step = spec.partition("@")
+  try:
+    run = open_run(run_dir)
+  except VersionError as err:
+    raise RunError(f"delta.base: {err}") from None
+  try:
+    if step and not step.isdigit():
+      raise VersionError(f"{spec}: expected RUN_DIR or RUN_DIR@STEP")
+    _, tokenizer_json = run.checkpointer.read_record(
+        int(step) if step else run.checkpointer.latest_step())
+    tokenizer = tokenizer_from_json(tokenizer_json, spec)
+    state, _, _ = restore_member(run.checkpointer, run.config, tokenizer.vocab_size,
+                                 tokenizer.bos_id, int(step) if step else None, "best")
+  except (VersionError, ValueError, TypeError) as err:
+    raise RunError(f"delta.base: {err}") from None
+  finally:
+    run.checkpointer.close()
+  named = dict(state.params)
+  for key, value in like_params.items():
+    got = named.get(key)
+    if got is None:
+      named[key] = value
+    elif jax.tree.map(jnp.shape, got) != jax.tree.map(jnp.shape, value):
+      raise RunError(f"delta.base: {spec} has a different model ({key} differs in shape)")
+  extra = set(named) - set(like_params)
+  return {k: v for k, v in named.items() if k not in extra}

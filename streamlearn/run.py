@@ -18,10 +18,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib import metadata
 
-import streamlearn
 from streamlearn.config import ConfigError, load_config
 from streamlearn.sources import SourceError
+
+
+def _version() -> str:
+  try:
+    return metadata.version("streamlearn")
+  except metadata.PackageNotFoundError:  # a source tree that is not installed
+    return "0.0.0+unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--process-id", type=int, metavar="I",
                       help="several processes: this one's index, 0 .. N-1")
   parser.add_argument("--version", action="version",
-                      version=f"streamlearn {streamlearn.__version__}")
+                      version=f"streamlearn {_version()}")
   return parser
 
 

@@ -322,3 +322,34 @@ def open_source(spec: str | None, *, max_file_bytes: int, block_bytes: int) -> S
                            exclude_dirs=TOOL_DIRS)
   # Anything else that exists (a regular file, a FIFO, a device) streams as one file.
   return FileSource(spec, block_bytes=block_bytes)
+
+
+class _ReplaySource(Source):
+  """A source whose first blocks were already read (for BPE warm-up); replays them."""
+
+  def __init__(self, inner: Source, first_blocks: list[Block], rest):
+    super().__init__(inner.name, block_bytes=inner.block_bytes)
+    self.inner, self.first_blocks, self.rest = inner, first_blocks, rest
+    self.skipped = inner.skipped
+
+  def blocks(self, start=None):
+    if start is not None:
+      return self.inner.blocks(start)
+    return self._replay()
+
+  def _replay(self):
+    yield from self.first_blocks
+    yield from self.rest
+
+
+def read_prefix(source: Source, n_bytes: int) -> tuple[bytes, Source]:
+  """The first n_bytes of a source, and a source that still yields them first."""
+  blocks, total = [], 0
+  iterator = source.blocks()
+  for block in iterator:
+    blocks.append(block)
+    total += len(block.data)
+    if total >= n_bytes:
+      break
+  data = b"".join(b.data for b in blocks)[:n_bytes]
+  return data, _ReplaySource(source, blocks, iterator)

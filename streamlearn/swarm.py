@@ -29,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from streamlearn.checkpoint import Checkpointer, VersionError, abstract_like
 from streamlearn.config import Config, SwarmConfig
 from streamlearn.distributed import host_copy, several
-from streamlearn.learner import Chunk, LearnerState, build, init_learner
+from streamlearn.learner import Chunk, LearnerState, init_learner
+from streamlearn.build import build
 from streamlearn.pbt import Plan, Population
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""A run's versions: list them, and open a run directory for the tools that act on them.
+"""A run's versions, listed.
 
     python -m streamlearn.versions --run-dir DIR [--all]
 
@@ -16,36 +16,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
-from streamlearn.checkpoint import Checkpointer, VersionError
-from streamlearn.config import Config, ConfigError, config_from_dict
+from streamlearn.checkpoint import VersionError
 from streamlearn.console import log_to_stderr
 from streamlearn.registry import Registry
-from streamlearn.run_files import CONFIG_FILE
-
-
-class RunDir(NamedTuple):
-  path: Path
-  config: Config
-  checkpointer: Checkpointer
-  registry: Registry
-
-
-def open_run(run_dir: str | Path, *, writable: bool = False) -> RunDir:
-  """A run directory's config, versions and registry (brought in line with versions/)."""
-  path = Path(run_dir)
-  config_path = path / CONFIG_FILE
-  if not config_path.is_file():
-    raise VersionError(f"{path}: not a run directory (no {CONFIG_FILE})")
-  try:
-    config = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-  except (ValueError, ConfigError) as err:
-    raise VersionError(f"{config_path}: unreadable ({err})") from None
-  checkpointer = Checkpointer(path, config.checkpoint, writable=writable)
-  registry = Registry.open(path, checkpointer.all_steps(),
-                           lambda step: checkpointer.read_record(step)[0])
-  return RunDir(path, config, checkpointer, registry)
+from streamlearn.rundir import open_run
 
 
 def _when(t: float | None) -> str:

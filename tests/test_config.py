@@ -7,7 +7,7 @@ import pytest
 
 from streamlearn.config import (Config, ConfigError, config_from_dict, config_to_dict,
                                 load_config, parse_override)
-from streamlearn.model import PRESETS
+from streamlearn.config import PRESETS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -13,7 +13,8 @@ import pathlib as pathlib_module
 from streamlearn import delta as dl
 from streamlearn import replay as replay_lib
 from streamlearn.config import load_config
-from streamlearn.learner import Chunk, build, init_learner
+from streamlearn.learner import Chunk, init_learner
+from streamlearn.build import build
 from streamlearn.model import LM
 from streamlearn.run import main
 
@@ -303,9 +304,9 @@ def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_base(
 
 
 def _newest_state(run_dir: Path):
-  from streamlearn.run_files import run_tokenizer
+  from streamlearn.rundir import run_tokenizer
   from streamlearn.swarm import restore_member
-  from streamlearn.versions import open_run
+  from streamlearn.rundir import open_run
   run = open_run(run_dir)
   try:
     tokenizer = run_tokenizer(run_dir, run.checkpointer, run.checkpointer.all_steps())
@@ -318,7 +319,7 @@ def _newest_state(run_dir: Path):
 
 def _resume_with_a_stronger_guard(args, first: Path, second: Path, caplog, capsys):
   """Resuming may change the weights and the base; not what fixes the state's shapes."""
-  from streamlearn.run_files import named_base
+  from streamlearn.retune import named_base
   resume = args + ["--run-dir", str(first), "--resume", "--max-bytes", "600"]
   stronger = ["--set", "delta.kl=0.5", "--set", f"delta.base={second}"]
   caplog.clear()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from streamlearn.config import load_config
-from streamlearn.learner import Chunk, build, init_learner, make_score
+from streamlearn.learner import Chunk, init_learner, make_score
+from streamlearn.build import build
 
 VOCAB, BOS = 259, 256
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from streamlearn.model import LM, PRESETS, MicroLM, count_params
+from streamlearn.model import LM, MicroLM, count_params
+from streamlearn.config import PRESETS
 
 VOCAB = 259
 

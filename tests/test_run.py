@@ -13,7 +13,8 @@ import pytest
 
 from streamlearn.checkpoint import Checkpointer, abstract_like
 from streamlearn.config import load_config
-from streamlearn.learner import build, init_learner
+from streamlearn.build import build
+from streamlearn.learner import init_learner
 from streamlearn.run import main
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")

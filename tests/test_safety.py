@@ -12,7 +12,8 @@ import pytest
 from streamlearn import Learner
 from streamlearn.checkpoint import Checkpointer
 from streamlearn.config import SafetyConfig, config_from_dict
-from streamlearn.learner import build, init_learner
+from streamlearn.build import build
+from streamlearn.learner import init_learner
 from streamlearn.prequential import device_chunk
 from streamlearn.registry import REGISTRY_FILE
 from streamlearn.run import main as run_main
@@ -298,7 +299,7 @@ def test_corrupt_latest_falls_back_to_the_previous_version(straight, tmp_path, t
 
 
 def test_a_run_in_use_is_not_restored(straight, tmp_path, capsys):
-  from streamlearn.checkpoint import RunLock
+  from streamlearn.rundir import RunLock
   run_dir = copy_run(straight, tmp_path / "run")
   lock = RunLock(run_dir)
   try:

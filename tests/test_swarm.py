@@ -15,7 +15,8 @@ import pytest
 from streamlearn import Learner
 from streamlearn.checkpoint import Checkpointer, VersionError, abstract_like
 from streamlearn.config import SwarmConfig, config_from_dict
-from streamlearn.learner import build, init_learner
+from streamlearn.build import build
+from streamlearn.learner import init_learner
 from streamlearn.pbt import Population
 from streamlearn.run import main
 from streamlearn.session import Session
