@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamlearn.kernels.linear_scan import default_config, pallas_linear_scan
-from streamlearn.scan import ScanImpl, auto_impl, linear_scan
+from streamlearn.nn.scan import ScanImpl, auto_impl, linear_scan
 
 DEFAULT_SIZES = ("1x256x256", "8x1024x512", "16x4096x1024")
 IMPLS = (ScanImpl.LAX, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)

@@ -19,12 +19,12 @@ import time
 import jax
 
 from streamlearn.config import load_config
-from streamlearn.build import build
-from streamlearn.learner import init_learner
-from streamlearn.prequential import device_chunk
-from streamlearn.sources import open_source
-from streamlearn.stream import TokenStream
-from streamlearn.tokenizer import make_tokenizer
+from streamlearn.data.sources import open_source
+from streamlearn.data.stream import TokenStream
+from streamlearn.data.tokenizer import make_tokenizer
+from streamlearn.learn.build import build
+from streamlearn.learn.prequential import device_chunk
+from streamlearn.learn.step import init_learner
 
 
 def main(argv=None) -> int:

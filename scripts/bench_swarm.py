@@ -28,12 +28,12 @@ import jax
 import numpy as np
 
 from streamlearn.config import load_config
-from streamlearn.build import build
-from streamlearn.prequential import device_chunk
-from streamlearn.sources import open_source
-from streamlearn.stream import TokenStream
-from streamlearn.swarm import Swarm, initial_state
-from streamlearn.tokenizer import make_tokenizer
+from streamlearn.data.sources import open_source
+from streamlearn.data.stream import TokenStream
+from streamlearn.data.tokenizer import make_tokenizer
+from streamlearn.learn.build import build
+from streamlearn.learn.prequential import device_chunk
+from streamlearn.swarm.swarm import Swarm, initial_state
 
 _NEVER = 1 << 60  # interval_bytes of a swarm that never replaces anyone
 

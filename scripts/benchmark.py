@@ -47,12 +47,12 @@ import jax
 import jax.numpy as jnp
 
 from streamlearn.config import ConfigError, config_to_dict, load_config
-from streamlearn.build import build
-from streamlearn.learner import init_learner, make_score
-from streamlearn.prequential import learn_through, score_through
-from streamlearn.sources import SourceError, open_source
-from streamlearn.stream import TokenStream
-from streamlearn.tokenizer import make_tokenizer
+from streamlearn.data.sources import SourceError, open_source
+from streamlearn.data.stream import TokenStream
+from streamlearn.data.tokenizer import make_tokenizer
+from streamlearn.learn.build import build
+from streamlearn.learn.prequential import learn_through, score_through
+from streamlearn.learn.step import init_learner, make_score
 
 _FULL_TOML = Path(__file__).resolve().parent.parent / "configs" / "full.toml"
 _PLAIN = ["delta.lag=0", "delta.consistency=0", "delta.kl=0", "delta.gate=false",

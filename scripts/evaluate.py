@@ -21,10 +21,10 @@ from pathlib import Path
 import jax
 
 from streamlearn.api import Learner
-from streamlearn.learner import make_score
-from streamlearn.prequential import learn_through, score_through
-from streamlearn.sources import SourceError, open_source
-from streamlearn.stream import TokenStream
+from streamlearn.data.sources import SourceError, open_source
+from streamlearn.data.stream import TokenStream
+from streamlearn.learn.prequential import learn_through, score_through
+from streamlearn.learn.step import make_score
 
 
 def parse_target(text: str) -> tuple[Path, int | None]:

@@ -22,17 +22,17 @@ from pathlib import Path
 
 import jax
 
-from streamlearn.checkpoint import VERSIONS_DIR, VersionError
-from streamlearn.console import log_to_stderr
-from streamlearn.export import ArtifactError, pack, unpack
-from streamlearn.build import build
-from streamlearn.learner import make_score
-from streamlearn.prequential import score_through
-from streamlearn.sources import SourceError, open_source
-from streamlearn.stream import TokenStream
-from streamlearn.swarm import restore_member
-from streamlearn.tokenizer import tokenizer_from_json
-from streamlearn.rundir import open_run
+from streamlearn.data.sources import SourceError, open_source
+from streamlearn.data.stream import TokenStream
+from streamlearn.data.tokenizer import tokenizer_from_json
+from streamlearn.learn.build import build
+from streamlearn.learn.prequential import score_through
+from streamlearn.learn.step import make_score
+from streamlearn.run.console import log_to_stderr
+from streamlearn.store.artifact import ArtifactError, pack, unpack
+from streamlearn.store.checkpoint import VERSIONS_DIR, VersionError
+from streamlearn.store.rundir import open_run
+from streamlearn.swarm.swarm import restore_member
 
 
 def _version(run, step: str | None) -> int:

@@ -17,12 +17,12 @@ import argparse
 import sys
 import time
 
-from streamlearn.checkpoint import BASE_STEP, VersionError, abstract_like
-from streamlearn.rundir import RunLock, move_aside
-from streamlearn.console import log_to_stderr
-from streamlearn.swarm import initial_state
-from streamlearn.tokenizer import tokenizer_from_json
-from streamlearn.rundir import open_run
+from streamlearn.data.tokenizer import tokenizer_from_json
+from streamlearn.run.console import log_to_stderr
+from streamlearn.store.checkpoint import BASE_STEP, VersionError, abstract_like
+from streamlearn.store.rundir import RunLock, move_aside
+from streamlearn.store.rundir import open_run
+from streamlearn.swarm.swarm import initial_state
 
 
 def restore(run_dir: str, step: int, *, reset: bool) -> str:

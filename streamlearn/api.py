@@ -24,13 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamlearn.checkpoint import Checkpointer
 from streamlearn.config import Config, ConfigError, config_from_dict, load_config
-from streamlearn.export import ArtifactError, read_artifact
-from streamlearn.learner import Carry, Chunk, Predictor, init_learner
-from streamlearn.build import build
-from streamlearn.swarm import restore_member
-from streamlearn.tokenizer import Tokenizer, load_tokenizer, make_tokenizer, tokenizer_from_json
+from streamlearn.data.tokenizer import (Tokenizer, load_tokenizer, make_tokenizer,
+                                        tokenizer_from_json)
+from streamlearn.learn.build import build
+from streamlearn.learn.step import Carry, Chunk, Predictor, init_learner
+from streamlearn.store.artifact import ArtifactError, read_artifact
+from streamlearn.store.checkpoint import Checkpointer
+from streamlearn.swarm.swarm import restore_member
 
 
 def _as_bytes(text: str | bytes) -> bytes:

@@ -47,7 +47,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 @dataclasses.dataclass(frozen=True)
 class MatchConfig:
-  enabled: bool = True        # the match model's prediction enters the logits (streamlearn/match.py)
+  enabled: bool = True        # the match model's prediction enters the logits (streamlearn/nn/match.py)
   orders: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 11, 16, 23, 32)  # contexts hashed: one candidate each
   max_len: int = 32           # longest match verified; the trust in a match is learned per length
   history_log2: int = 20      # tokens of stream history kept: 2^20
@@ -107,7 +107,7 @@ class SafetyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DeltaConfig:
-  """Two-stream delta learning (streamlearn/delta.py); lag = 0 is the plain learner."""
+  """Two-stream delta learning (streamlearn/learn/delta.py); lag = 0 is the plain learner."""
   lag: int = 0                # learn from the forecast made this many ticks ago (0: no forecast)
   arrival: bool = False       # also learn from each chunk as it arrives, on the pass that scored it
   forecast_tokens: int = 32   # K: the forecast is an open-loop rollout of the next chunk's first K

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from streamlearn import Learner
-from streamlearn.checkpoint import Checkpointer
+from streamlearn.store.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.toml")

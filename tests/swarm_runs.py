@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamlearn.config import load_config
-from streamlearn.learner import Chunk
-from streamlearn.swarm import Swarm, initial_state
+from streamlearn.learn.step import Chunk
+from streamlearn.swarm.swarm import Swarm, initial_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.toml")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamlearn import Learner
-from streamlearn.run import main as run_main
+from streamlearn.cli.run import main as run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.toml")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from streamlearn.run import main as run_main
+from streamlearn.cli.run import main as run_main
 
 from safety_runs import SAFE, assert_same_state, final, stdlib_text
 

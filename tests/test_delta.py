@@ -10,13 +10,13 @@ import pytest
 import json as json_module
 import pathlib as pathlib_module
 
-from streamlearn import delta as dl
-from streamlearn import replay as replay_lib
+from streamlearn.cli.run import main
 from streamlearn.config import load_config
-from streamlearn.learner import Chunk, init_learner
-from streamlearn.build import build
-from streamlearn.model import LM
-from streamlearn.run import main
+from streamlearn.learn import delta as dl
+from streamlearn.learn import replay as replay_lib
+from streamlearn.learn.build import build
+from streamlearn.learn.step import Chunk, init_learner
+from streamlearn.nn.model import LM
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")
 VOCAB, BOS, T, K, LAG = 259, 256, 16, 8, 2
@@ -304,9 +304,9 @@ def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_base(
 
 
 def _newest_state(run_dir: Path):
-  from streamlearn.rundir import run_tokenizer
-  from streamlearn.swarm import restore_member
-  from streamlearn.rundir import open_run
+  from streamlearn.store.rundir import run_tokenizer
+  from streamlearn.swarm.swarm import restore_member
+  from streamlearn.store.rundir import open_run
   run = open_run(run_dir)
   try:
     tokenizer = run_tokenizer(run_dir, run.checkpointer, run.checkpointer.all_steps())
@@ -319,7 +319,7 @@ def _newest_state(run_dir: Path):
 
 def _resume_with_a_stronger_guard(args, first: Path, second: Path, caplog, capsys):
   """Resuming may change the weights and the base; not what fixes the state's shapes."""
-  from streamlearn.retune import named_base
+  from streamlearn.run.retune import named_base
   resume = args + ["--run-dir", str(first), "--resume", "--max-bytes", "600"]
   stronger = ["--set", "delta.kl=0.5", "--set", f"delta.base={second}"]
   caplog.clear()

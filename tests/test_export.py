@@ -9,10 +9,11 @@ import pytest
 from flax import traverse_util
 
 from streamlearn import Learner
-from streamlearn.export import ArtifactError, channel_axis, dequantize, quantize, read_artifact
 from streamlearn.api import load_artifact
-from streamlearn.generate import main as export_main
-from streamlearn.run import main as run_main
+from streamlearn.cli.generate import main as export_main
+from streamlearn.cli.run import main as run_main
+from streamlearn.store.artifact import (ArtifactError, channel_axis, dequantize, quantize,
+                                        read_artifact)
 
 from safety_runs import SAFE, load_script, stdlib_text
 

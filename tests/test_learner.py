@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from streamlearn.config import load_config
-from streamlearn.learner import Chunk, init_learner, make_score
-from streamlearn.build import build
+from streamlearn.learn.build import build
+from streamlearn.learn.step import Chunk, init_learner, make_score
 
 VOCAB, BOS = 259, 256
 

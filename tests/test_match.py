@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from streamlearn.config import MatchConfig
-from streamlearn.match import _hash_slots, init_match, match_update, reference_features
+from streamlearn.nn.match import _hash_slots, init_match, match_update, reference_features
 
 CFG = MatchConfig(orders=(3, 6), max_len=8, history_log2=10, table_log2=20)
 

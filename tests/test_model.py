@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from streamlearn.model import LM, MicroLM, count_params
 from streamlearn.config import PRESETS
+from streamlearn.nn.model import LM, MicroLM, count_params
 
 VOCAB = 259
 

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from streamlearn.checkpoint import Checkpointer, abstract_like
+from streamlearn.cli.run import main
 from streamlearn.config import load_config
-from streamlearn.build import build
-from streamlearn.learner import init_learner
-from streamlearn.run import main
+from streamlearn.learn.build import build
+from streamlearn.learn.step import init_learner
+from streamlearn.store.checkpoint import Checkpointer, abstract_like
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")
 

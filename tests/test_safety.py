@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 
 from streamlearn import Learner
-from streamlearn.checkpoint import Checkpointer
+from streamlearn.cli.run import main as run_main
+from streamlearn.cli.versions import main as versions_main
 from streamlearn.config import SafetyConfig, config_from_dict
-from streamlearn.build import build
-from streamlearn.learner import init_learner
-from streamlearn.prequential import device_chunk
-from streamlearn.registry import REGISTRY_FILE
-from streamlearn.run import main as run_main
-from streamlearn.safety import Guard, SpikeDetector, rollback_candidates
-from streamlearn.session import Session
-from streamlearn.stream import HostChunk
-from streamlearn.versions import main as versions_main
+from streamlearn.data.stream import HostChunk
+from streamlearn.learn.build import build
+from streamlearn.learn.prequential import device_chunk
+from streamlearn.learn.step import init_learner
+from streamlearn.run.safety import Guard, SpikeDetector, rollback_candidates
+from streamlearn.run.session import Session
+from streamlearn.store.checkpoint import Checkpointer
+from streamlearn.store.registry import REGISTRY_FILE
 
 from safety_runs import SAFE, assert_same_state, final, load_script, stdlib_text
 
@@ -299,7 +299,7 @@ def test_corrupt_latest_falls_back_to_the_previous_version(straight, tmp_path, t
 
 
 def test_a_run_in_use_is_not_restored(straight, tmp_path, capsys):
-  from streamlearn.rundir import RunLock
+  from streamlearn.store.rundir import RunLock
   run_dir = copy_run(straight, tmp_path / "run")
   lock = RunLock(run_dir)
   try:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from streamlearn.scan import ScanImpl, auto_impl, linear_scan
+from streamlearn.nn.scan import ScanImpl, auto_impl, linear_scan
 
 IMPLS = (ScanImpl.LAX, ScanImpl.ASSOCIATIVE, ScanImpl.BLOCKED, ScanImpl.PALLAS)
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}

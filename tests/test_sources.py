@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from streamlearn.sources import (Block, DirectorySource, FileSource, SourceError, StdinSource,
-                                 open_source, stdlib_source)
+from streamlearn.data.sources import (Block, DirectorySource, FileSource, SourceError,
+                                      StdinSource, open_source, stdlib_source)
 
 MAX = 1000
 
@@ -147,7 +147,7 @@ def test_directory_skips_each_reason_and_logs_once(tmp_path, caplog):
   write(tmp_path / "latin1.txt", b"\xff\xfeabc")
   os.symlink(tmp_path / "nowhere", tmp_path / "dangling.txt")
   source = DirectorySource(tmp_path, max_file_bytes=MAX)
-  with caplog.at_level(logging.DEBUG, logger="streamlearn.sources"):
+  with caplog.at_level(logging.DEBUG, logger="streamlearn.data.sources"):
     blocks = list(source.blocks())
   assert {b.position["file"] for b in blocks} == {"a.txt", "a/z.txt", "b.txt", "c/d/e.py"}
   assert source.skipped == {"too_large": 1, "empty": 1, "binary": 1, "not_utf8": 1,

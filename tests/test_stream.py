@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from streamlearn.sources import DirectorySource, FileSource
-from streamlearn.stream import TokenStream
-from streamlearn.tokenizer import BpeTokenizer, ByteTokenizer
+from streamlearn.data.sources import DirectorySource, FileSource
+from streamlearn.data.stream import TokenStream
+from streamlearn.data.tokenizer import BpeTokenizer, ByteTokenizer
 
 
 def chunks_of(stream):

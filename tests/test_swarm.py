@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from streamlearn import Learner
-from streamlearn.checkpoint import Checkpointer, VersionError, abstract_like
+from streamlearn.cli.run import main
 from streamlearn.config import SwarmConfig, config_from_dict
-from streamlearn.build import build
-from streamlearn.learner import init_learner
-from streamlearn.pbt import Population
-from streamlearn.run import main
-from streamlearn.session import Session
-from streamlearn.swarm import Swarm, initial_state, member_state
+from streamlearn.learn.build import build
+from streamlearn.learn.step import init_learner
+from streamlearn.run.session import Session
+from streamlearn.store.checkpoint import Checkpointer, VersionError, abstract_like
+from streamlearn.swarm.pbt import Population
+from streamlearn.swarm.swarm import Swarm, initial_state, member_state
 from swarm_runs import BOS, ROOT, TINY, VOCAB, random_chunk, swarm_config, trajectory
 from safety_runs import assert_same_state, stdlib_text
 

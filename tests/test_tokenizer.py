@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from streamlearn.tokenizer import (KINDS, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer,
-                                  Tokenizer, load_tokenizer, make_tokenizer)
+from streamlearn.data.tokenizer import (KINDS, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer,
+                                        Tokenizer, load_tokenizer, make_tokenizer)
 
 BPE_VOCAB = 700
 

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from streamlearn.config import SafetyConfig
-from streamlearn.stream import HostChunk, decode_tokens, encode_tokens
+from streamlearn.data.stream import HostChunk, decode_tokens, encode_tokens
 
 
 class Alarm(NamedTuple):

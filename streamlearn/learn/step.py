@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import optax
 
 from streamlearn.config import Config, MatchConfig, OptimConfig
-from streamlearn.delta import DeltaSpec, DeltaState, delta_spec, init_delta
-from streamlearn.match import MatchState, init_match, match_update
-from streamlearn.model import LM
+from streamlearn.learn.delta import DeltaSpec, DeltaState, delta_spec, init_delta
+from streamlearn.nn.match import MatchState, init_match, match_update
+from streamlearn.nn.model import LM
 
 _LN2 = math.log(2.0)
 
@@ -57,7 +57,7 @@ class LearnerState:
   # "lr" multiplies every update (on top of lr_scale); the delta learner's loss
   # weights, EMA decay, gate temperature and replay weight live here too.
   hp: dict[str, jax.Array]
-  delta: DeltaState | None = None  # forecasts, teacher, base, replay (streamlearn/delta.py)
+  delta: DeltaState | None = None  # forecasts, teacher, base, replay (streamlearn/learn/delta.py)
 
 
 class Chunk(NamedTuple):

@@ -19,23 +19,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamlearn.canary import Canaries, CanaryError
-from streamlearn.checkpoint import Checkpointer, VersionError, abstract_like
 from streamlearn.config import Config, config_to_dict
-from streamlearn.console import Interrupts, Progress, human_bytes
+from streamlearn.data.sources import Source, SourceError, open_source, read_prefix
+from streamlearn.data.stream import HostChunk, TokenStream
+from streamlearn.data.tokenizer import Tokenizer, make_tokenizer
 from streamlearn.distributed import barrier, host_copy, is_primary, several
-from streamlearn.learner import LearnerState, make_score
-from streamlearn.build import build
-from streamlearn.prequential import Totals, device_chunk, score_through
-from streamlearn.registry import Registry
-from streamlearn.safety import Alarm, Guard, lowered_lr_scale, rollback_candidates
-from streamlearn.sources import Source, SourceError, open_source, read_prefix
-from streamlearn.stream import HostChunk, TokenStream
-from streamlearn.swarm import Swarm, initial_state
-from streamlearn.retune import check_resumable, guard_base, retuned, same_source
-from streamlearn.rundir import (CONFIG_FILE, RunError, RunLock, lock_run, move_aside, run_tokenizer,
-                               write_atomic)
-from streamlearn.tokenizer import Tokenizer, make_tokenizer
+from streamlearn.learn.build import build
+from streamlearn.learn.prequential import Totals, device_chunk, score_through
+from streamlearn.learn.step import LearnerState, make_score
+from streamlearn.run.canary import Canaries, CanaryError
+from streamlearn.run.console import Interrupts, Progress, human_bytes
+from streamlearn.run.retune import check_resumable, guard_base, retuned, same_source
+from streamlearn.run.safety import Alarm, Guard, lowered_lr_scale, rollback_candidates
+from streamlearn.store.checkpoint import Checkpointer, VersionError, abstract_like
+from streamlearn.store.registry import Registry
+from streamlearn.store.rundir import (CONFIG_FILE, RunError, RunLock, lock_run, move_aside,
+                                      run_tokenizer, write_atomic)
+from streamlearn.swarm.swarm import Swarm, initial_state
 
 log = logging.getLogger("streamlearn.run")
 

@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamlearn.checkpoint import VersionError
 from streamlearn.config import Config
-from streamlearn.learner import LearnerState
-from streamlearn.pbt import Population
-from streamlearn.sources import Source
-from streamlearn.rundir import RunError, open_run
-from streamlearn.swarm import member_state, restore_member
-from streamlearn.tokenizer import tokenizer_from_json
+from streamlearn.data.sources import Source
+from streamlearn.data.tokenizer import tokenizer_from_json
+from streamlearn.learn.step import LearnerState
+from streamlearn.store.checkpoint import VersionError
+from streamlearn.store.rundir import RunError, open_run
+from streamlearn.swarm.pbt import Population
+from streamlearn.swarm.swarm import member_state, restore_member
 
 log = logging.getLogger("streamlearn.run")
 

@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from streamlearn.checkpoint import VersionError
-from streamlearn.console import log_to_stderr
-from streamlearn.registry import Registry
-from streamlearn.rundir import open_run
+from streamlearn.run.console import log_to_stderr
+from streamlearn.store.checkpoint import VersionError
+from streamlearn.store.registry import Registry
+from streamlearn.store.rundir import open_run
 
 
 def _when(t: float | None) -> str:

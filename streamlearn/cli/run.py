@@ -21,7 +21,7 @@ import sys
 from importlib import metadata
 
 from streamlearn.config import ConfigError, load_config
-from streamlearn.sources import SourceError
+from streamlearn.data.sources import SourceError
 
 
 def _version() -> str:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamlearn import distributed as dist
 
     dist.initialize(*distributed)
-  from streamlearn.session import RunError, Session  # JAX loads only once arguments are good
+  from streamlearn.run.session import RunError, Session
 
   try:
     session = Session.open(config, run_dir=args.run_dir, data=args.data, resume=args.resume)

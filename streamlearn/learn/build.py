@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 
 from streamlearn.config import Config
-from streamlearn.delta_step import make_delta_step
-from streamlearn.learner import make_optimizer, make_plain_step, make_predictor
+from streamlearn.learn.delta_step import make_delta_step
+from streamlearn.learn.step import make_optimizer, make_plain_step, make_predictor
 
 
 @functools.cache

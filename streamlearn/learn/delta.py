@@ -38,10 +38,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from streamlearn import replay as replay_lib
 from streamlearn.config import DeltaConfig, ReplayConfig
-from streamlearn.match import MatchFeatures
-from streamlearn.model import LM, ForecastInput
+from streamlearn.learn import replay as replay_lib
+from streamlearn.nn.match import MatchFeatures
+from streamlearn.nn.model import LM, ForecastInput
 
 _LN2 = math.log(2.0)
 

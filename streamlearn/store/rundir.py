@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from streamlearn.checkpoint import VERSIONS_DIR, Checkpointer, VersionError
 from streamlearn.config import Config, ConfigError, config_from_dict
+from streamlearn.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
 from streamlearn.distributed import barrier, is_primary
-from streamlearn.registry import Registry
-from streamlearn.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
+from streamlearn.store.checkpoint import VERSIONS_DIR, Checkpointer, VersionError
+from streamlearn.store.registry import Registry
 
 CONFIG_FILE = "config.json"
 ASIDE_DIR = "aside"

@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from streamlearn.checkpoint import Checkpointer, VersionError, abstract_like
 from streamlearn.config import Config, SwarmConfig
 from streamlearn.distributed import host_copy, several
-from streamlearn.learner import Chunk, LearnerState, init_learner
-from streamlearn.build import build
-from streamlearn.pbt import Plan, Population
+from streamlearn.learn.build import build
+from streamlearn.learn.step import Chunk, LearnerState, init_learner
+from streamlearn.store.checkpoint import Checkpointer, VersionError, abstract_like
+from streamlearn.swarm.pbt import Plan, Population
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from streamlearn.checkpoint import BASE_STEP, VersionError
 from streamlearn.distributed import is_primary
+from streamlearn.store.checkpoint import BASE_STEP, VersionError
 
 log = logging.getLogger(__name__)
 

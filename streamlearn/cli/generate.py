@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from streamlearn.api import load_artifact
-from streamlearn.export import ArtifactError
+from streamlearn.store.artifact import ArtifactError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamlearn.config import ModelConfig
-from streamlearn.match import MatchFeatures
-from streamlearn.scan import linear_scan
+from streamlearn.nn.match import MatchFeatures
+from streamlearn.nn.scan import linear_scan
 
 # RG-LRU: the decay is a^(c * r_t) with a learned a in (0, 1) and gate r_t;
 # c = 8 as in Griffin, so a^c at init spans a useful range of memory lengths.
@@ -186,7 +186,7 @@ class MicroLM(nn.Module):
   vocab_size: int
   match_len: int = 0     # longest match length the match model reports; 0: no match input
   match_orders: int = 0  # how many predictions (one per context order) it makes per token
-  forecast_channel: bool = False  # reads a forecast of each target token (streamlearn/delta.py)
+  forecast_channel: bool = False  # reads a forecast of each target token (streamlearn/learn/delta.py)
   surprise_head: bool = False     # holds W of the residual linearisation (delta.residual > 0)
 
   def setup(self):
@@ -214,7 +214,7 @@ class MicroLM(nn.Module):
       self.forecast_gate = self.param("forecast_gate", nn.initializers.constant(-2.0),
                                       (cfg.d_model,))
     if self.surprise_head:
-      # Read by streamlearn/delta.py, not here: surprise ≈ hidden · W.
+      # Read by streamlearn/learn/delta.py, not here: surprise ≈ hidden · W.
       self.surprise_w = self.param("surprise_w", nn.initializers.zeros_init(), (cfg.d_model,))
 
   def __call__(self, tokens_BxT, state: tuple[LayerState, ...], n_real_B=None,

@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from streamlearn.sources import Source
-from streamlearn.tokenizer import Tokenizer
+from streamlearn.data.sources import Source
+from streamlearn.data.tokenizer import Tokenizer
 
 
 class HostChunk(NamedTuple):

@@ -1,4 +1,4 @@
-"""The delta learner's jitted step (see streamlearn/delta.py for the timeline).
+"""The delta learner's jitted step (see streamlearn/learn/delta.py for the timeline).
 
 Each part exists in the traced step only when its switch is on: a part that
 is off adds no forward pass, no loss term and no state.
@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from streamlearn import delta as dl
-from streamlearn import replay as replay_lib
 from streamlearn.config import OptimConfig
-from streamlearn.learner import Carry, Chunk, LearnerState, Predictor, learning_rate, score_metrics
-from streamlearn.match import match_update
+from streamlearn.learn import delta as dl
+from streamlearn.learn import replay as replay_lib
+from streamlearn.learn.step import (Carry, Chunk, LearnerState, Predictor, learning_rate,
+                                    score_metrics)
+from streamlearn.nn.match import match_update
 
 _LN2 = dl._LN2
 

@@ -8,7 +8,7 @@ recent earlier position whose k preceding tokens hash like the current ones;
 the token that followed there is that order's prediction, and the number of
 tokens before it that really agree (the verified match length) says how much
 to trust it. The µLM reads the predictions as inputs and adds a logit bonus,
-learned per order and length, to each predicted token (`streamlearn.model`).
+learned per order and length, to each predicted token (`streamlearn.nn.model`).
 
 Everything is causal by construction: the features for the token at stream
 position p are computed from tokens before p only, so prequential scores stay

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamlearn.learner import Carry, Chunk, LearnerState
-from streamlearn.stream import HostChunk
+from streamlearn.data.stream import HostChunk
+from streamlearn.learn.step import Carry, Chunk, LearnerState
 
 
 def device_chunk(chunk: HostChunk) -> Chunk:

@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from streamlearn.config import SwarmConfig
-from streamlearn.registry import registry_view
+from streamlearn.store.registry import registry_view
 
 _DECAY_SUFFIX = "_decay"
 _DECAY_EPS = 1e-6  # keeps a decay strictly inside (0, 1) in float32

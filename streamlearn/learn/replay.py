@@ -23,7 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from streamlearn.match import MatchFeatures
+from streamlearn.nn.match import MatchFeatures
 
 _EMPTY = -jnp.inf  # an empty slot's surprise: below anything real, never sampled
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from streamlearn.config import CanaryConfig
-from streamlearn.prequential import score_through
-from streamlearn.stream import HostChunk, chunk_bytes
-from streamlearn.tokenizer import Tokenizer
+from streamlearn.data.stream import HostChunk, chunk_bytes
+from streamlearn.data.tokenizer import Tokenizer
+from streamlearn.learn.prequential import score_through
 
 
 class CanaryError(ValueError):

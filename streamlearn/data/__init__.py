@@ -1,0 +1,1 @@
+"""What a learner reads: stream sources, tokenizers, and the chunked token stream."""

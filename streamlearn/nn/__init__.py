@@ -1,0 +1,1 @@
+"""The networks: the scan core (lax reference + Pallas kernels), the µLM, the match model."""
