@@ -17,7 +17,7 @@ lam_t = dL/dh_t, lam_t = g_t + a_{t+1} lam_{t+1}, and then db_t = lam_t,
 da_t = lam_t * h_{t-1}, dh0 = a_0 lam_0. One adjoint kernel produces lam and da
 in a single pass over (a, g, h).
 
-The plain `lax.scan` specification lives in `streamlearn.scan.lax_linear_scan`;
+The plain `lax.scan` specification lives in `streamlearn.nn.scan.lax_linear_scan`;
 tests hold these kernels to it.
 """
 

@@ -24,7 +24,7 @@ from streamlearn.data.stream import TokenStream
 from streamlearn.data.tokenizer import make_tokenizer
 from streamlearn.learn.build import build
 from streamlearn.learn.prequential import device_chunk
-from streamlearn.learn.step import init_learner
+from streamlearn.learn.state import init_learner
 
 
 def main(argv=None) -> int:

@@ -52,7 +52,8 @@ from streamlearn.data.stream import TokenStream
 from streamlearn.data.tokenizer import make_tokenizer
 from streamlearn.learn.build import build
 from streamlearn.learn.prequential import learn_through, score_through
-from streamlearn.learn.step import init_learner, make_score
+from streamlearn.learn.state import init_learner
+from streamlearn.learn.step import make_score
 
 _FULL_TOML = Path(__file__).resolve().parent.parent / "configs" / "full.toml"
 _PLAIN = ["delta.lag=0", "delta.consistency=0", "delta.kl=0", "delta.gate=false",
@@ -177,8 +178,8 @@ def forgetting(config_path: str | None, base_overrides: list[str], a_spec: str, 
                kl_on_b: tuple[float, ...] = ()) -> list[dict]:
   """Canary bits/byte on held-out A after streaming A, and again after B, per config.
 
-  With a KL guard, the base becomes the model as A left it, as a run resumed
-  on new data with `delta.base` naming its own checkpoint would have it; each
+  With a KL guard, the anchor becomes the model as A left it, as a run resumed
+  on new data with `delta.anchor` naming its own checkpoint would have it; each
   of `kl_on_b` adds a row that also sets the guard's weight to it for B (as
   `--resume --set delta.kl=X` would), from the same state after A.
   """
@@ -198,11 +199,11 @@ def forgetting(config_path: str | None, base_overrides: list[str], a_spec: str, 
 
     state, on_a = learn_through(step, state, _stream(config, tokenizer, a_spec, n))
     before = canary(state.params)
-    guarded = state.delta is not None and state.delta.base is not None
+    guarded = state.delta is not None and state.delta.anchor is not None
     if guarded:
       state = state.replace(delta=state.delta.replace(
-          base=jax.tree.map(lambda x: x.copy(), state.params),
-          base_rec=jax.tree.map(lambda x: x.copy(), state.carry.rec_state)))
+          anchor=jax.tree.map(lambda x: x.copy(), state.params),
+          anchor_rec=jax.tree.map(lambda x: x.copy(), state.carry.rec_state)))
     for kl in [None] + (list(kl_on_b) if guarded else []):
       # Each B starts from its own copy of the state after A: the step donates it.
       b_state = jax.tree.map(jnp.copy, state)

@@ -17,7 +17,6 @@ without learning from it.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import jax
@@ -25,12 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamlearn.config import Config, ConfigError, config_from_dict, load_config
-from streamlearn.data.tokenizer import (Tokenizer, load_tokenizer, make_tokenizer,
-                                        tokenizer_from_json)
+from streamlearn.data.tokenizer import Tokenizer, make_tokenizer, tokenizer_from_json
 from streamlearn.learn.build import build
-from streamlearn.learn.step import Carry, Chunk, Predictor, init_learner
+from streamlearn.learn.chunk import Chunk
+from streamlearn.learn.state import Carry, Predictor, init_learner
 from streamlearn.store.artifact import ArtifactError, read_artifact
-from streamlearn.store.checkpoint import Checkpointer
+from streamlearn.store.checkpoint import Checkpointer, VersionError
+from streamlearn.store.rundir import RunError, read_config, run_tokenizer
 from streamlearn.swarm.swarm import restore_member
 
 
@@ -109,10 +109,13 @@ class Learner:
     bits/byte when the version was saved) or a member id alive in that version.
     """
     run_dir = Path(run_dir)
-    config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    tokenizer = load_tokenizer(run_dir)
+    config = read_config(run_dir)  # VersionError (one line) if it is not a run directory
     checkpointer = Checkpointer(run_dir, config.checkpoint)
     try:
+      try:
+        tokenizer = run_tokenizer(run_dir, checkpointer, checkpointer.all_steps(), repair=False)
+      except RunError as err:
+        raise VersionError(str(err)) from None
       state, _, _ = restore_member(checkpointer, config, tokenizer.vocab_size, tokenizer.bos_id,
                                    step, member)
     finally:

@@ -102,7 +102,7 @@ class SafetyConfig:
   median_chunks: int = 256    # the rolling median's window; checks start once it is full
   lr_factor: float = 0.5      # each rollback multiplies the learning rate by this
   min_lr_scale: float = 0.01  # ...down to this fraction of optim.learning_rate at the least
-  replay: bool = False        # after a rollback, stream again from the restored version's position
+  restream: bool = False      # after a rollback, stream again from the restored version's position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +117,8 @@ class DeltaConfig:
   consistency: float = 0.0    # β1: ||f_EMA(real) - f_student(with forecast)||^2 (0: no EMA teacher)
   ema_decay: float = 0.99     # the EMA teacher's decay per learner step
   residual: float = 0.0       # β2: ||δ - W h||^2, the surprise predicted from the hidden state
-  kl: float = 0.0             # β3: KL(student || frozen base) on the real chunk (0: no base kept)
-  base: str = ""              # the frozen base: "" = the run's start, or "RUN_DIR" / "RUN_DIR@STEP"
+  kl: float = 0.0             # β3: KL(student || frozen anchor) on the real chunk (0: none kept)
+  anchor: str = ""            # the KL guard's frozen model: "" (the run's start), RUN_DIR[@STEP]
   gate: bool = False          # scale the update down when the forecast was uncertain
   gate_temperature: float = 1.0  # nats of forecast entropy above its running mean that halve it
   gate_min: float = 0.25      # the gate never scales an update below this
@@ -152,8 +152,8 @@ class SwarmConfig:
   top_quantile: float = 0.25  # ...each by a copy of one of this fraction (at least one)
   perturb: tuple[float, ...] = (0.8, 1.2)  # explore: each hyperparameter x one of these
   resample_prob: float = 0.25  # ...or, with this probability, drawn afresh from the initial range
-  init_spread: float = 2.0    # initial range: base value x [1/spread, spread], log-uniform
-  fresh_prob: float = 0.1     # a replacement is a new member from the base (new seed), not a copy
+  init_spread: float = 2.0    # initial range: centre value x [1/spread, spread], log-uniform
+  fresh_prob: float = 0.1     # a replacement is a new member from the start (new seed), not a copy
   grace_bytes: int = 262_144  # members younger than this are never replaced
 
 
@@ -304,11 +304,25 @@ def _set_nested(table: dict, path: list[str], value: Any, text: str) -> None:
   table[path[-1]] = value
 
 
+# Keys that were renamed, so a run directory's config.json (or a habit) from before still works.
+RENAMED = {"delta.base": "delta.anchor", "safety.replay": "safety.restream"}
+
+
+def _renamed(table: dict) -> dict:
+  for old, new in RENAMED.items():
+    (section, key), (_, new_key) = old.split("."), new.split(".")
+    part = table.get(section)
+    if isinstance(part, dict) and key in part:
+      part.setdefault(new_key, part.pop(key))
+  return table
+
+
 def config_from_dict(table: dict, overrides: list[str] = ()) -> Config:
   """A Config from an already-parsed TOML table plus `key=value` overrides."""
-  table = _deep_copy(table)
+  table = _renamed(_deep_copy(table))
   for text in overrides:
     path, value = parse_override(text)
+    path = RENAMED.get(".".join(path), ".".join(path)).split(".")
     _set_nested(table, path, value, text)
   config = _build(Config, table, "")
   _check_across(config)

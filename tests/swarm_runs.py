@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamlearn.config import load_config
-from streamlearn.learn.step import Chunk
+from streamlearn.learn.chunk import Chunk
 from streamlearn.swarm.swarm import Swarm, initial_state
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,8 @@ from streamlearn.config import load_config
 from streamlearn.learn import delta as dl
 from streamlearn.learn import replay as replay_lib
 from streamlearn.learn.build import build
-from streamlearn.learn.step import Chunk, init_learner
+from streamlearn.learn.chunk import Chunk
+from streamlearn.learn.state import init_learner
 from streamlearn.nn.model import LM
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")
@@ -91,7 +92,7 @@ def test_the_teacher_follows_the_ema_formula_and_kl_starts_at_zero(full, rng):
   state, metrics = step(state, chunk_of(rng.integers(0, 256, T)))   # tick 0: nothing learned
   state, metrics = step(state, chunk_of(rng.integers(0, 256, T)))   # tick 1: learns chunk 0
   assert float(metrics["learned"]) == 1.0
-  # Nothing was learned before this step, so the student was the base: KL 0.
+  # Nothing was learned before this step, so the student was the anchor: KL 0.
   assert abs(float(metrics["loss_kl"])) < 1e-6
   before = copy(state)   # (the warm-up made that first update 0: check the second)
   state, metrics = step(state, chunk_of(rng.integers(0, 256, T)))
@@ -106,9 +107,9 @@ def test_the_teacher_follows_the_ema_formula_and_kl_starts_at_zero(full, rng):
 def test_kl_is_zero_for_the_same_distribution_and_positive_otherwise(rng):
   logits = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
   logp, mask = jax.nn.log_softmax(logits), jnp.ones((2, 5))
-  assert abs(float(dl.kl_to_base(logp, logp, mask))) < 1e-7
+  assert abs(float(dl.kl_to_anchor(logp, logp, mask))) < 1e-7
   other = jax.nn.log_softmax(logits + jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32))
-  assert float(dl.kl_to_base(logp, other, mask)) > 1e-3
+  assert float(dl.kl_to_anchor(logp, other, mask)) > 1e-3
 
 
 def test_the_gate_shrinks_as_the_forecast_grows_uncertain():
@@ -222,7 +223,7 @@ def _traced(overrides, monkeypatch):
 
 def test_each_switch_removes_its_component(monkeypatch):
   calls, metrics, state = _traced([], monkeypatch)
-  # score, base, replay, forecast rollout; learning pass and teacher read hidden states.
+  # score, anchor, replay, forecast rollout; learning pass and teacher read hidden states.
   assert calls == {"apply": 4, "apply_with_hidden": 2, "gate": 1}
   assert {"loss_consistency", "loss_kl", "loss_residual", "replay_bits"} <= metrics
   assert "forecast_embed" in state.params and "surprise_w" in state.params
@@ -238,7 +239,7 @@ def test_each_switch_removes_its_component(monkeypatch):
   assert "loss_consistency" not in metrics and "teacher_distance" not in metrics
 
   calls, metrics, state = _traced(["delta.kl=0"], monkeypatch)
-  assert calls["apply"] == 3 and state.delta.base is None and "loss_kl" not in metrics
+  assert calls["apply"] == 3 and state.delta.anchor is None and "loss_kl" not in metrics
 
   calls, metrics, state = _traced(["replay.capacity=0"], monkeypatch)
   assert calls["apply"] == 3 and state.delta.replay is None and "replay_bits" not in metrics
@@ -269,7 +270,7 @@ def _tags(run_dir: Path) -> bytes:
   return b"".join(f.read_bytes() for f in (run_dir / "tb").glob("events.out.tfevents.*"))
 
 
-def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_base(tmp_path, caplog,
+def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_anchor(tmp_path, caplog,
                                                                                capsys):
   caplog.set_level("INFO", logger="streamlearn")
   text = b"".join(Path(m.__file__).read_bytes()[:1500] for m in (json_module, pathlib_module))
@@ -284,19 +285,19 @@ def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_base(
   assert "resuming" in caplog.text
   tags = _tags(first)
   for tag in (b"delta/forecast_bits_per_token", b"delta/agreement", b"delta/gate",
-              b"guard/kl_to_base", b"guard/ema_student_distance", b"replay/priority_mean",
+              b"guard/kl_to_anchor", b"guard/ema_student_distance", b"replay/priority_mean",
               b"loss/consistency", b"canary/text.txt"):
     assert tag in tags, tag
   # A new run guarded by the first one's model.
   second = tmp_path / "second"
   assert main(args + ["--run-dir", str(second), "--max-bytes", "300",
-                      "--set", f"delta.base={first}"]) == 0
+                      "--set", f"delta.anchor={first}"]) == 0
   _resume_with_a_stronger_guard(args, first, second, caplog, capsys)
   capsys.readouterr()
   assert main(args + ["--run-dir", str(tmp_path / "third"), "--set",
-                      f"delta.base={tmp_path / 'nowhere'}"]) == 2
+                      f"delta.anchor={tmp_path / 'nowhere'}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("error: delta.base:")
+  assert len(err) == 1 and err[0].startswith("error: delta.anchor:")
   assert main(args + ["--run-dir", str(tmp_path / "fourth"), "--set",
                       'canary.paths=["/no/such/canary.txt"]']) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -318,18 +319,18 @@ def _newest_state(run_dir: Path):
 
 
 def _resume_with_a_stronger_guard(args, first: Path, second: Path, caplog, capsys):
-  """Resuming may change the weights and the base; not what fixes the state's shapes."""
-  from streamlearn.run.retune import named_base
+  """Resuming may change the weights and the anchor; not what fixes the state's shapes."""
+  from streamlearn.run.retune import named_anchor
   resume = args + ["--run-dir", str(first), "--resume", "--max-bytes", "600"]
-  stronger = ["--set", "delta.kl=0.5", "--set", f"delta.base={second}"]
+  stronger = ["--set", "delta.kl=0.5", "--set", f"delta.anchor={second}"]
   caplog.clear()
   assert main(resume + stronger) == 0
   assert "delta.kl: 0.01 -> 0.5" in caplog.text and f"now holds to {second}" in caplog.text
   state, record = _newest_state(first)
-  assert float(state.hp["kl"]) == 0.5 and record["base"] == str(second)
+  assert float(state.hp["kl"]) == 0.5 and record["anchor"] == str(second)
   np.testing.assert_allclose(float(state.hp["consistency"]), 0.1, rtol=1e-6)
-  for x, y in zip(jax.tree.leaves(state.delta.base),
-                  jax.tree.leaves(named_base(str(second), state.params)), strict=True):
+  for x, y in zip(jax.tree.leaves(state.delta.anchor),
+                  jax.tree.leaves(named_anchor(str(second), state.params)), strict=True):
     np.testing.assert_array_equal(x, y)
   caplog.clear()  # applied once: the version now holds it
   assert main(resume[:-2] + ["--max-bytes", "200"] + stronger) == 0

@@ -10,12 +10,14 @@ from flax import traverse_util
 
 from streamlearn import Learner
 from streamlearn.api import load_artifact
+from streamlearn.cli.export import export as export_version
+from streamlearn.cli.export import main as export_cli
 from streamlearn.cli.generate import main as export_main
 from streamlearn.cli.run import main as run_main
 from streamlearn.store.artifact import (ArtifactError, channel_axis, dequantize, quantize,
                                         read_artifact)
 
-from safety_runs import SAFE, load_script, stdlib_text
+from safety_runs import SAFE, stdlib_text
 
 
 def test_int8_is_per_channel_and_within_half_a_step(rng):
@@ -46,7 +48,7 @@ def exported(tmp_path_factory):
   run_dir = tmp / "run"
   assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir)]) == 0
   out = tmp / "model.slm"
-  report = load_script("export").export(str(run_dir), None, str(out), str(held_out), None)
+  report = export_version(str(run_dir), None, str(out), str(held_out), None)
   return run_dir, out, report
 
 
@@ -103,7 +105,7 @@ def test_bad_artifacts_get_one_line(tmp_path, capsys, content, message):
 
 def test_export_script_errors_are_one_line(exported, tmp_path, capsys):
   run_dir, _, _ = exported
-  script = load_script("export").main
+  script = export_cli
   for args, message in ((["--step", "999"], "no complete version 999"),
                         (["--member", "3"], "one learner"),
                         (["--step", "soon"], "expected a version number or best")):

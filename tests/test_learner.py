@@ -7,7 +7,9 @@ import pytest
 
 from streamlearn.config import load_config
 from streamlearn.learn.build import build
-from streamlearn.learn.step import Chunk, init_learner, make_score
+from streamlearn.learn.chunk import Chunk
+from streamlearn.learn.state import init_learner
+from streamlearn.learn.step import make_score
 
 VOCAB, BOS = 259, 256
 

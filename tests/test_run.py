@@ -14,7 +14,7 @@ import pytest
 from streamlearn.cli.run import main
 from streamlearn.config import load_config
 from streamlearn.learn.build import build
-from streamlearn.learn.step import init_learner
+from streamlearn.learn.state import init_learner
 from streamlearn.store.checkpoint import Checkpointer, abstract_like
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")

@@ -16,9 +16,10 @@ from streamlearn.config import SafetyConfig, config_from_dict
 from streamlearn.data.stream import HostChunk
 from streamlearn.learn.build import build
 from streamlearn.learn.prequential import device_chunk
-from streamlearn.learn.step import init_learner
+from streamlearn.learn.state import init_learner
 from streamlearn.run.safety import Guard, SpikeDetector, rollback_candidates
-from streamlearn.run.session import Session
+from streamlearn.run.loop import run
+from streamlearn.run.session import open_session
 from streamlearn.store.checkpoint import Checkpointer
 from streamlearn.store.registry import REGISTRY_FILE
 
@@ -121,17 +122,17 @@ def before_damage(tmp_path_factory, text_file):
 def damaged_session(run_dir, data, overrides=()):
   """The run resumed with its embedding wiped out: from chunk 141 on, it predicts nothing."""
   config = config_from_dict(json.loads((run_dir / "config.json").read_text()), list(overrides))
-  session = Session.open(config, run_dir=str(run_dir), data=str(data), resume=True)
-  params = dict(session.state.params)
+  session, progress = open_session(config, run_dir=str(run_dir), data=str(data), resume=True)
+  params = dict(progress.state.params)
   params["embed"] = {"embedding": params["embed"]["embedding"] * 0.0}
-  session.state = session.state.replace(params=params)
-  return session
+  progress.state = progress.state.replace(params=params)
+  return session, progress
 
 
 def test_a_spike_from_bad_learning_rolls_back_to_the_last_good_version(tmp_path, before_damage):
   run_dir = copy_run(before_damage[0], tmp_path / "run")
-  session = damaged_session(run_dir, before_damage[1])
-  assert session.run(max_bytes=30 * 64) == 0
+  session, progress = damaged_session(run_dir, before_damage[1])
+  assert run(session, progress, max_bytes=30 * 64) == 0
   events = registry(run_dir)["events"]
   # The onset is chunk 141, so the last good version is the newest older than the update
   # before it (<= 139): 130.
@@ -152,12 +153,12 @@ def test_a_spike_from_bad_learning_rolls_back_to_the_last_good_version(tmp_path,
   assert b"safety/rollback_to" in tb
 
 
-def test_replay_streams_again_from_the_restored_version(tmp_path, before_damage):
+def test_restream_streams_again_from_the_restored_version(tmp_path, before_damage):
   run_dir = copy_run(before_damage[0], tmp_path / "run")
-  session = damaged_session(run_dir, before_damage[1], ["safety.replay=true"])
-  assert session.run() == 0                      # to the end of the file
+  session, progress = damaged_session(run_dir, before_damage[1], ["safety.restream=true"])
+  assert run(session, progress) == 0             # to the end of the file
   event = registry(run_dir)["events"][0]
-  assert event["replay"] and event["to"] == 130 and event["discarded"] == [140]
+  assert event["restream"] and event["to"] == 130 and event["discarded"] == [140]
   # The versions after the target moved aside; the stream and totals went back to it.
   assert [int(p.name) for p in (run_dir / "aside").glob("*-rolled-back-from-*/*")] == [140]
   state, record = final(run_dir)
@@ -172,11 +173,12 @@ def test_repeated_nan_updates_roll_back(tmp_path, text_file, caplog):
   args = SAFE + ["--data", str(text_file), "--run-dir", str(run_dir)]
   assert run_main(args + ["--max-bytes", "1280"]) == 0          # versions 0, 10, 20
   config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-  session = Session.open(config, run_dir=str(run_dir), data=str(text_file), resume=True)
+  session, progress = open_session(config, run_dir=str(run_dir), data=str(text_file),
+                                   resume=True)
   # Poison it: every update from chunk 21 on is non-finite, until the rollback.
-  session.state = session.state.replace(
-      params=jax.tree.map(lambda x: x * jnp.nan, session.state.params))
-  assert session.run(max_bytes=640) == 0
+  progress.state = progress.state.replace(
+      params=jax.tree.map(lambda x: x * jnp.nan, progress.state.params))
+  assert run(session, progress, max_bytes=640) == 0
   event = registry(run_dir)["events"][-1]
   assert event["reason"] == "non-finite" and event["chunk"] == 23
   assert event["to"] == 10                          # newest version <= first skip (21) - 2
@@ -208,11 +210,11 @@ def copy_run(src, dst):
   return dst
 
 
-def test_versions_lists_base_latest_best(straight, capsys):
+def test_versions_lists_original_latest_best(straight, capsys):
   assert versions_main(["--run-dir", str(straight)]) == 0
   out = capsys.readouterr().out
   rows = version_rows(out)
-  assert "base" in rows["0"] and "latest" in rows["47"]
+  assert "original" in rows["0"] and "latest" in rows["47"]
   assert "best" in out and "3,000" in rows["47"]
   best = min((v for v in registry(straight)["versions"] if v["status"] == "kept"
               and v["scores"]["score"] is not None), key=lambda v: v["scores"]["score"])
@@ -230,19 +232,19 @@ def test_registry_is_rebuilt_from_the_checkpoints(straight, tmp_path, damage, ca
   assert set(map(int, version_rows(capsys.readouterr().out))) == expected
 
 
-def test_restore_and_reset_to_base_round_trip(straight, tmp_path, text_file, capsys):
+def test_restore_and_back_to_the_original_round_trip(straight, tmp_path, text_file, capsys):
   restore = load_script("restore").main
   end_state, end_record = final(straight)
   run_dir = copy_run(straight, tmp_path / "run")
   resume = SAFE + ["--data", str(text_file), "--run-dir", str(run_dir), "--resume"]
-  for target, flag in ((20, ["--step", "20"]), (0, ["--reset-to-base"])):
+  for target, flag in ((20, ["--step", "20"]), (0, ["--original"])):
     later = [s for s in steps(run_dir) if s > target]
     assert restore(["--run-dir", str(run_dir)] + flag) == 0
     assert f"back at version {target}" in capsys.readouterr().out
     assert steps(run_dir)[-1] == target
     aside = sorted(int(p.name) for p in (run_dir / "aside").glob(f"*-restored-to-{target}/*"))
     assert aside == later                         # kept aside, never deleted
-    assert registry(run_dir)["events"][-1]["kind"] == ("restore" if target else "reset_to_base")
+    assert registry(run_dir)["events"][-1]["kind"] == ("restore" if target else "reset_to_original")
     # Resuming replays the stream from the version on, exactly as the first time.
     assert run_main(resume) == 0
     state, record = final(run_dir)

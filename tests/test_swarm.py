@@ -16,8 +16,9 @@ from streamlearn import Learner
 from streamlearn.cli.run import main
 from streamlearn.config import SwarmConfig, config_from_dict
 from streamlearn.learn.build import build
-from streamlearn.learn.step import init_learner
-from streamlearn.run.session import Session
+from streamlearn.learn.state import init_learner
+from streamlearn.run.loop import run
+from streamlearn.run.session import open_session
 from streamlearn.store.checkpoint import Checkpointer, VersionError, abstract_like
 from streamlearn.swarm.pbt import Population
 from streamlearn.swarm.swarm import Swarm, initial_state, member_state
@@ -139,7 +140,7 @@ def test_lineage_stays_consistent_over_many_replacements(rng):
   cfg = SwarmConfig(size=8, interval_bytes=1000, grace_bytes=1500, fresh_prob=0.2,
                     score_chunks=5)
   # Any hyperparameter the learner grows is handled alike; *_decay stays in (0, 1), 0 stays 0.
-  pop = Population(cfg, seed=3, base_hp={"lr": 1.0, "ema_decay": 0.99, "kl": 0.0})
+  pop = Population(cfg, seed=3, centre_hp={"lr": 1.0, "ema_decay": 0.99, "kl": 0.0})
   total = 0
   for chunk in range(1, 400):
     bits_N = rng.uniform(100, 200, 8)
@@ -162,7 +163,7 @@ def test_lineage_stays_consistent_over_many_replacements(rng):
       assert parent["born_chunk"] < e["born_chunk"]
       assert parent["died_chunk"] is None or parent["died_chunk"] > e["born_chunk"]
     else:
-      assert e["parent"] is None and e["kind"] in ("base", "initial", "fresh")
+      assert e["parent"] is None and e["kind"] in ("centre", "initial", "fresh")
   # The grace period: nobody died younger than grace_bytes (15 chunks of 100 bytes).
   assert all(e["died_chunk"] - e["born_chunk"] >= 15 for e in members.values()
              if e["died_chunk"] is not None)
@@ -170,13 +171,13 @@ def test_lineage_stays_consistent_over_many_replacements(rng):
 
 def test_a_resume_sets_every_living_members_hparams_and_keeps_the_dead_ones():
   cfg = SwarmConfig(size=3, interval_bytes=100, grace_bytes=0, fresh_prob=0.0, score_chunks=2)
-  pop = Population(cfg, seed=1, base_hp={"lr": 1.0, "kl": 0.01})
+  pop = Population(cfg, seed=1, centre_hp={"lr": 1.0, "kl": 0.01})
   pop.observe(np.array([3.0, 1.0, 2.0]), 100.0, np.zeros(3, bool))
   pop.plan(100, 1)
   dead = {m: dict(e["hp"]) for m, e in pop.members.items() if m not in pop.slots}
   assert dead
   pop.set_hparams({"kl": 0.5})
-  assert pop.base_hp == {"lr": 1.0, "kl": 0.5}
+  assert pop.centre_hp == {"lr": 1.0, "kl": 0.5}
   assert all(pop.members[m]["hp"]["kl"] == 0.5 for m in pop.slots)
   assert {m: pop.members[m]["hp"] for m in dead} == dead
   assert list(pop.hp_N()["kl"]) == [0.5] * 3
@@ -324,17 +325,17 @@ def test_nan_updates_in_a_swarm_roll_the_whole_swarm_back(tmp_path):
   assert main(args + ["--max-bytes", "1280"]) == 0          # versions 0 and 20, members born
   config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
   born = json.loads((run_dir / "registry.json").read_text())["members"]["lineage"]
-  session = Session.open(config, run_dir=str(run_dir), data=str(data), resume=True)
+  session, progress = open_session(config, run_dir=str(run_dir), data=str(data), resume=True)
   # Every member's updates are non-finite from chunk 21 on, until the rollback.
-  session.state = session.state.replace(
-      params=jax.tree.map(lambda x: x * jnp.nan, session.state.params))
-  assert session.run(max_bytes=640) == 0
+  progress.state = progress.state.replace(
+      params=jax.tree.map(lambda x: x * jnp.nan, progress.state.params))
+  assert run(session, progress, max_bytes=640) == 0
   registry = json.loads((run_dir / "registry.json").read_text())
   event = registry["events"][-1]
-  assert event["reason"] == "non-finite" and event["to"] == 0   # the base: newest <= 21 - 2
+  assert event["reason"] == "non-finite" and event["to"] == 0   # the original: newest <= 21 - 2
   members = registry["members"]
   after = {e["id"]: e for e in members["lineage"]}
-  # The swarm is the base's again; the members born since stay in the lineage, marked.
+  # The swarm is the original's again; the members born since stay in the lineage, marked.
   assert all(after[e["id"]].get("rolled_back") for e in born if e["born_chunk"] > 0)
   assert len(after) >= len(born) and sorted(after) == list(range(len(after)))
   checkpointer = Checkpointer(run_dir, config.checkpoint)

@@ -1,35 +1,48 @@
-"""Text from an exported artifact.
+"""Text from a run's version or an exported artifact, learning nothing.
 
-    python -m streamlearn.generate model.slm --prompt "The " [--tokens 200] [--temperature 0.8]
+    streamlearn generate model.slm --prompt "The " [--tokens 200] [--temperature 0.8]
+    streamlearn generate checkpoints/default[@STEP] --prompt "def " [--member best|ID]
+
+TARGET is an artifact file (`streamlearn export`) or a run directory, at its
+latest version or @STEP. Prints the prompt and its continuation.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
 
-from streamlearn.api import load_artifact
-from streamlearn.store.artifact import ArtifactError
+from streamlearn.cli.common import error, standalone
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m streamlearn.generate",
-                                   description="Generate text from an exported artifact.")
-  parser.add_argument("artifact")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("target", metavar="ARTIFACT|RUN_DIR[@STEP]")
   parser.add_argument("--prompt", default="")
-  parser.add_argument("--tokens", type=int, default=200)
-  parser.add_argument("--temperature", type=float, default=0.8)
+  parser.add_argument("--tokens", type=int, default=200, help="tokens to generate")
+  parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
   parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+  parser.add_argument("--member", default="best", metavar="best|ID",
+                      help="a run's swarm member (default: the leader)")
+
+
+def command(args: argparse.Namespace) -> int:
+  from streamlearn.api import Learner, load_artifact
+  from streamlearn.store.artifact import ArtifactError
+  from streamlearn.store.checkpoint import VersionError
+
+  path, _, step = args.target.partition("@")
   try:
-    learner = load_artifact(args.artifact)
-  except ArtifactError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+    if Path(path).is_dir():
+      if step and not step.isdigit():
+        return error(f"{args.target}: expected RUN_DIR or RUN_DIR@STEP")
+      learner = Learner.load(path, int(step) if step else None, args.member)
+    else:
+      learner = load_artifact(args.target)
+  except (ArtifactError, VersionError, FileNotFoundError) as err:
+    return error(str(err))
   print(args.prompt + learner.generate(args.prompt, max_tokens=args.tokens,
                                        temperature=args.temperature, seed=args.seed))
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+main = standalone(add_arguments, command, "streamlearn generate", __doc__.splitlines()[0])

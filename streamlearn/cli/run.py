@@ -1,6 +1,6 @@
 """The main job: a µLM reads a stream and learns from it while it predicts.
 
-    python -m streamlearn.run --config configs/default.toml [--data PATH|-]
+    streamlearn run --config configs/default.toml [--data PATH|-]      (or python -m streamlearn.run)
         [--max-bytes N] [--run-dir DIR] [--resume] [--set key=value ...]
         [--coordinator HOST:PORT --num-processes N --process-id I]
 
@@ -16,25 +16,13 @@ processes or hosts (streamlearn/distributed.py).
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from importlib import metadata
 
+from streamlearn.cli.common import error, standalone, version
 from streamlearn.config import ConfigError, load_config
-from streamlearn.data.sources import SourceError
 
 
-def _version() -> str:
-  try:
-    return metadata.version("streamlearn")
-  except metadata.PackageNotFoundError:  # a source tree that is not installed
-    return "0.0.0+unknown"
 
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m streamlearn.run",
-      description="A tiny recurrent language model that learns while it predicts on a stream.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", metavar="FILE",
                       help="run configuration (TOML); built-in defaults when omitted")
   parser.add_argument("--data", metavar="PATH|-",
@@ -52,49 +40,43 @@ def build_parser() -> argparse.ArgumentParser:
                       help="several processes: how many in all")
   parser.add_argument("--process-id", type=int, metavar="I",
                       help="several processes: this one's index, 0 .. N-1")
-  parser.add_argument("--version", action="version",
-                      version=f"streamlearn {_version()}")
-  return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  # Our own messages at INFO; libraries (Orbax, absl) only when something is wrong.
-  logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-  logging.getLogger("streamlearn").setLevel(logging.INFO)
+def command(args: argparse.Namespace) -> int:
   if args.max_bytes is not None and args.max_bytes <= 0:
-    print("error: --max-bytes must be > 0", file=sys.stderr)
-    return 2
+    return error("--max-bytes must be > 0")
   try:
     config = load_config(args.config, args.set)
   except ConfigError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+    return error(str(err))
   distributed = (args.coordinator, args.num_processes, args.process_id)
   if any(x is not None for x in distributed):
     if any(x is None for x in distributed):
-      print("error: --coordinator, --num-processes and --process-id go together",
-            file=sys.stderr)
-      return 2
+      return error("--coordinator, --num-processes and --process-id go together")
     if not 0 <= args.process_id < args.num_processes:
-      print(f"error: --process-id must be in 0 .. {args.num_processes - 1}", file=sys.stderr)
-      return 2
+      return error(f"--process-id must be in 0 .. {args.num_processes - 1}")
     if args.data == "-":
-      print("error: several processes each read the stream: give --data a file or directory",
-            file=sys.stderr)
-      return 2
+      return error("several processes each read the stream: give --data a file or directory")
     from streamlearn import distributed as dist
 
     dist.initialize(*distributed)
-  from streamlearn.run.session import RunError, Session
+  # JAX loads only once the arguments are good.
+  from streamlearn.data.sources import SourceError
+  from streamlearn.run.loop import run
+  from streamlearn.run.session import open_session
+  from streamlearn.store.rundir import RunError
 
   try:
-    session = Session.open(config, run_dir=args.run_dir, data=args.data, resume=args.resume)
+    session, progress = open_session(config, run_dir=args.run_dir, data=args.data,
+                                     resume=args.resume)
   except (SourceError, RunError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  return session.run(max_bytes=args.max_bytes)
+    return error(str(err))
+  return run(session, progress, max_bytes=args.max_bytes)
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+def _add_arguments_and_version(parser: argparse.ArgumentParser) -> None:
+  add_arguments(parser)
+  parser.add_argument("--version", action="version", version=f"streamlearn {version()}")
+
+
+main = standalone(_add_arguments_and_version, command, "python -m streamlearn.run", __doc__.splitlines()[0])

@@ -1,26 +1,25 @@
 """A run's versions, listed.
 
-    python -m streamlearn.versions --run-dir DIR [--all]
+    streamlearn versions --run-dir DIR [--all]
 
 Prints one row per version in versions/ (with --all, also the ones rotated
 away or moved aside): step (chunks of the stream seen), time, bytes seen,
 scores (bits/byte over the last chunks, and since the start), parent version,
-learning-rate scale, and which is the base, the latest and the best. Then the
+learning-rate scale, and which is the original, the latest and the best. Then the
 rollbacks and restores. Reading only: a live run is never disturbed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from streamlearn.run.console import log_to_stderr
-from streamlearn.store.checkpoint import VersionError
-from streamlearn.store.registry import Registry
-from streamlearn.store.rundir import open_run
+from streamlearn.cli.common import error, standalone
+
+if TYPE_CHECKING:
+  from streamlearn.store.registry import Registry
+
 
 
 def _when(t: float | None) -> str:
@@ -42,7 +41,7 @@ def table(registry: Registry, *, everything: bool = False) -> list[str]:
     scores = e.get("scores") or {}
     marks = []
     if e.get("status") == "kept":
-      marks += ["base"] * (e["step"] == registry.data["original_base"])
+      marks += ["original"] * (e["step"] == registry.data["original"])
       marks += ["latest"] * (e["step"] == latest) + ["best"] * (e["step"] == best)
       marks += ["rolled back"] * bool(e.get("rolled_back"))
     else:
@@ -68,28 +67,25 @@ def describe_event(e: dict) -> str:
   return f"{when}  {e.get('kind', '?').replace('_', ' ')} -> version {e.get('to')}{aside}"
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m streamlearn.versions",
-                                   description="List a run's versions.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--run-dir", required=True, metavar="DIR")
   parser.add_argument("--all", action="store_true",
                       help="also versions rotated away or moved aside")
-  args = parser.parse_args(argv)
-  log_to_stderr()
+
+
+def command(args: argparse.Namespace) -> int:
+  from streamlearn.store.checkpoint import VersionError
+  from streamlearn.store.rundir import open_run
+
   try:
     run = open_run(args.run_dir)
   except VersionError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+    return error(str(err))
   run.checkpointer.close()
   print("\n".join(table(run.registry, everything=args.all)))
-  base = run.registry.data["current_base"]
-  print(f"\noriginal base: version {run.registry.data['original_base']}; current base: "
-        f"version {base}")
   for event in run.registry.data["events"]:
     print(describe_event(event))
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+main = standalone(add_arguments, command, "streamlearn versions", __doc__.splitlines()[0])

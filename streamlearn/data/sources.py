@@ -324,8 +324,8 @@ def open_source(spec: str | None, *, max_file_bytes: int, block_bytes: int) -> S
   return FileSource(spec, block_bytes=block_bytes)
 
 
-class _ReplaySource(Source):
-  """A source whose first blocks were already read (for BPE warm-up); replays them."""
+class _WarmupSource(Source):
+  """A source whose first blocks were already read (for BPE warm-up); yields them again first."""
 
   def __init__(self, inner: Source, first_blocks: list[Block], rest):
     super().__init__(inner.name, block_bytes=inner.block_bytes)
@@ -335,15 +335,15 @@ class _ReplaySource(Source):
   def blocks(self, start=None):
     if start is not None:
       return self.inner.blocks(start)
-    return self._replay()
+    return self._again()
 
-  def _replay(self):
+  def _again(self):
     yield from self.first_blocks
     yield from self.rest
 
 
-def read_prefix(source: Source, n_bytes: int) -> tuple[bytes, Source]:
-  """The first n_bytes of a source, and a source that still yields them first."""
+def read_warmup(source: Source, n_bytes: int) -> tuple[bytes, Source]:
+  """(warm-up text: the first n_bytes of a source, a source that still yields them first)."""
   blocks, total = [], 0
   iterator = source.blocks()
   for block in iterator:
@@ -352,4 +352,4 @@ def read_prefix(source: Source, n_bytes: int) -> tuple[bytes, Source]:
     if total >= n_bytes:
       break
   data = b"".join(b.data for b in blocks)[:n_bytes]
-  return data, _ReplaySource(source, blocks, iterator)
+  return data, _WarmupSource(source, blocks, iterator)

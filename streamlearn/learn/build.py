@@ -6,7 +6,8 @@ import functools
 
 from streamlearn.config import Config
 from streamlearn.learn.delta_step import make_delta_step
-from streamlearn.learn.step import make_optimizer, make_plain_step, make_predictor
+from streamlearn.learn.state import make_optimizer, make_predictor
+from streamlearn.learn.step import make_plain_step
 
 
 @functools.cache

@@ -5,17 +5,17 @@ One tick = one chunk. At tick t the real chunk x_t arrives and the step
      the forecast of x_t made at tick t-1 (the second input stream);
   2. files x_t in a ring of `lag` slots, with the state it started from, its
      match features, the forecast made for it, and what the EMA teacher and the
-     frozen base made of it;
+     frozen anchor made of it;
   3. learns from the slot of chunk t-lag+1: the real tokens, read with their
      forecast (made at tick t-lag), dropped on a fraction of tokens ("reality
      injection") so the model never comes to trust its own forecasts; losses:
      cross-entropy, consistency to the EMA teacher, optionally the residual
-     linearisation, KL to the frozen base; all scaled by a gate that shrinks
+     linearisation, KL to the frozen anchor; all scaled by a gate that shrinks
      the step when the forecast was uncertain; plus a prioritized replay batch;
   4. forecasts x_{t+1}: an open-loop rollout of K tokens from the state after
      x_t, with the parameters just updated.
 lag = 0 makes no forecasts and learns from x_t in the very pass that scored
-it: the plain learner, with the teacher, base and replay still available.
+it: the plain learner, with the teacher, anchor and replay still available.
 With `arrival` (lag >= 1) step 1 is also a learning step: the plain learner's
 update from the pass that scored x_t, so every chunk is learned twice — as it
 arrives, and `lag` ticks later beside its forecast, from where the first
@@ -43,8 +43,6 @@ from streamlearn.learn import replay as replay_lib
 from streamlearn.nn.match import MatchFeatures
 from streamlearn.nn.model import LM, ForecastInput
 
-_LN2 = math.log(2.0)
-
 
 @dataclasses.dataclass(frozen=True)
 class DeltaSpec:
@@ -67,7 +65,7 @@ class DeltaSpec:
     return self.delta.consistency > 0
 
   @property
-  def base(self) -> bool:
+  def anchor(self) -> bool:
     return self.delta.kl > 0
 
   @property
@@ -78,7 +76,7 @@ class DeltaSpec:
 def delta_spec(delta: DeltaConfig, replay: ReplayConfig, chunk_tokens: int) -> DeltaSpec | None:
   """The spec, or None when every part is off (the plain learner's step is used)."""
   spec = DeltaSpec(delta, replay, chunk_tokens)
-  if spec.forecasting or spec.teacher or spec.base or spec.replaying:
+  if spec.forecasting or spec.teacher or spec.anchor or spec.replaying:
     return spec
   return None
 
@@ -101,7 +99,7 @@ class Observed:
   match: MatchFeatures | None
   forecast: Forecast | None  # the forecast made for this chunk (lag >= 1)
   teacher_hidden_BxTxD: jax.Array | None  # the EMA teacher's view of the real chunk
-  base_logp_BxTxV: jax.Array | None       # the frozen base's prediction of it
+  anchor_logp_BxTxV: jax.Array | None     # the frozen anchor's prediction of it
   bits_per_token: jax.Array  # its prequential score: the replay priority
   tick: jax.Array            # int32: the tick it arrived at
 
@@ -112,8 +110,8 @@ class DeltaState:
   pending: Forecast | None   # the forecast of the next chunk (lag >= 1)
   teacher: Any               # EMA teacher parameters
   teacher_rec: Any           # ...and its own recurrent state along the stream
-  base: Any                  # frozen base parameters (never updated)
-  base_rec: Any
+  anchor: Any                # the KL guard's frozen parameters (never updated)
+  anchor_rec: Any            # ...and their own recurrent state along the stream
   entropy_ref: jax.Array     # running mean of forecast entropy (nats/token), the gate's centre
   replay: replay_lib.ReplayBuffer | None
 
@@ -189,9 +187,9 @@ def ema(teacher, params, decay):
   return jax.tree.map(lambda t, p: decay * t + (1.0 - decay) * p, teacher, params)
 
 
-def kl_to_base(logp_BxTxV, base_logp_BxTxV, mask_BxT):
-  """Mean over real tokens of KL(student || base), nats."""
-  kl_BxT = jnp.sum(jnp.exp(logp_BxTxV) * (logp_BxTxV - base_logp_BxTxV), axis=-1)
+def kl_to_anchor(logp_BxTxV, anchor_logp_BxTxV, mask_BxT):
+  """Mean over real tokens of KL(student || anchor), nats."""
+  kl_BxT = jnp.sum(jnp.exp(logp_BxTxV) * (logp_BxTxV - anchor_logp_BxTxV), axis=-1)
   return jnp.sum(kl_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0)
 
 
@@ -199,20 +197,11 @@ def masked_mean(x_BxT, mask_BxT):
   return jnp.sum(x_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0)
 
 
-def shift_in(last_token_B, tokens_BxT):
-  """The model's inputs for a chunk: each token's predecessor."""
-  return jnp.concatenate([last_token_B[:, None], tokens_BxT[:, :-1]], axis=1)
-
-
-def n_real(mask_BxT):
-  return jnp.sum(mask_BxT > 0, axis=1).astype(jnp.int32)
-
-
 # --- state ---------------------------------------------------------------------------------------
 
 
 def init_delta(spec: DeltaSpec, lm: LM, params, rec_state, batch: int) -> DeltaState:
-  """The delta learner's state before the stream: teacher = base = the starting parameters."""
+  """The delta learner's state before the stream: teacher = anchor = the starting parameters."""
   V = lm.vocab_size
   ring = pending = None
   if spec.forecasting:
@@ -233,8 +222,8 @@ def init_delta(spec: DeltaSpec, lm: LM, params, rec_state, batch: int) -> DeltaS
       ring=ring, pending=pending,
       teacher=copy(params) if spec.teacher else None,
       teacher_rec=copy(rec_state) if spec.teacher else None,
-      base=copy(params) if spec.base else None,
-      base_rec=copy(rec_state) if spec.base else None,
+      anchor=copy(params) if spec.anchor else None,
+      anchor_rec=copy(rec_state) if spec.anchor else None,
       entropy_ref=jnp.full((), jnp.nan, jnp.float32), replay=buffer)
 
 
@@ -253,7 +242,7 @@ def _observed_like(spec: DeltaSpec, lm: LM, params, rec_state, batch: int,
       last_token_B=jnp.zeros((batch,), jnp.int32), rec_state=rec_state,
       match=_zero_match(lm, batch, T), forecast=forecast,
       teacher_hidden_BxTxD=jnp.zeros((batch, T, D), jnp.float32) if spec.teacher else None,
-      base_logp_BxTxV=jnp.zeros((batch, T, V), jnp.float32) if spec.base else None,
+      anchor_logp_BxTxV=jnp.zeros((batch, T, V), jnp.float32) if spec.anchor else None,
       bits_per_token=jnp.zeros((), jnp.float32), tick=jnp.zeros((), jnp.int32))
 
 

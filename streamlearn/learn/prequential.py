@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamlearn.data.stream import HostChunk
-from streamlearn.learn.step import Carry, Chunk, LearnerState
+from streamlearn.learn.chunk import Chunk
+from streamlearn.learn.state import Carry, LearnerState
 
 
 def device_chunk(chunk: HostChunk) -> Chunk:

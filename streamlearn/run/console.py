@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import sys
 import time
 
 
-def log_to_stderr() -> None:
-  """Our messages as plain lines on stderr; libraries' only when something is wrong."""
-  logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-  # A library imported before us may have called basicConfig first, with its own format.
-  for handler in logging.root.handlers:
-    if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
-      handler.setFormatter(logging.Formatter("%(message)s"))
-  logging.getLogger("streamlearn").setLevel(logging.INFO)
-
-
-class Progress:
+class StatusLine:
   """One live line on a terminal; a plain line every few seconds otherwise."""
 
   def __init__(self, every_s: float):

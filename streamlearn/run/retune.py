@@ -2,8 +2,8 @@
 
 A run's state fixes part of its config: the network, the `delta.lag` slots of
 the forecast ring, the replay buffer, and whether an EMA teacher, a frozen
-base or a surprise head is kept at all. A resume must keep those. The weights
-the step reads from the state (`LearnerState.hp`) and the frozen base itself
+anchor or a surprise head is kept at all. A resume must keep those. The weights
+the step reads from the state (`LearnerState.hp`) and the frozen anchor itself
 are the user's to change when resuming, e.g. a stronger KL guard towards the
 model as it is now before streaming new data (docs/benchmarks.md, forgetting).
 The version being resumed, not the run's first config, says what the state
@@ -23,7 +23,7 @@ import numpy as np
 from streamlearn.config import Config
 from streamlearn.data.sources import Source
 from streamlearn.data.tokenizer import tokenizer_from_json
-from streamlearn.learn.step import LearnerState
+from streamlearn.learn.state import LearnerState
 from streamlearn.store.checkpoint import VersionError
 from streamlearn.store.rundir import RunError, open_run
 from streamlearn.swarm.pbt import Population
@@ -35,7 +35,7 @@ log = logging.getLogger("streamlearn.run")
 FROZEN_ON_RESUME = ("model", "match", "tokenizer", "data.chunk_tokens", "delta.lag",
                     "delta.forecast_tokens", "delta.forecast_channel", "replay.capacity",
                     "replay.tokens", "swarm.size")
-# Zero removes a part of the state (the teacher, the base, the surprise head): a
+# Zero removes a part of the state (the teacher, the anchor, the surprise head): a
 # resume may change the weight, not turn the part on or off.
 _OFF_AT_ZERO = ("delta.consistency", "delta.kl", "delta.residual")
 # The state's array hyperparameters, by the config key that sets them.
@@ -76,16 +76,16 @@ def changed_hparams(config: Config, now: dict[str, float]) -> dict[str, tuple[st
   return changed
 
 
-def retuned(config: Config, state: LearnerState, record: dict, first_base: str,
+def retuned(config: Config, state: LearnerState, record: dict, first_anchor: str,
             population: Population | None) -> tuple[LearnerState, str]:
-  """(state, the base it now holds to) for a restored version under this config.
+  """(state, the anchor its KL guard now holds to) for a restored version under this config.
 
-  `record` is the version's; `first_base` the run's first config's `delta.base`,
+  `record` is the version's; `first_anchor` the run's first config's `delta.anchor`,
   for versions from before each recorded its own. A swarm's `population` takes
   the new values too. Logs each change.
   """
   # A swarm's members explore their own values around the centre its record keeps.
-  now = (record["swarm"]["base_hp"] if population is not None
+  now = (population.centre_hp if population is not None
          else {k: float(np.asarray(v)) for k, v in state.hp.items()})
   changed = changed_hparams(config, now)
   if changed:
@@ -97,25 +97,25 @@ def retuned(config: Config, state: LearnerState, record: dict, first_base: str,
     state = state.replace(hp=hp)
     if population is not None:
       population.set_hparams({name: v for name, (_, v) in changed.items()})
-  held = record.get("base", first_base)
-  wanted = config.delta.base
-  if wanted and wanted != held and state.delta is not None and state.delta.base is not None:
-    # The base's own recurrent state starts where the student's is: exact when the
-    # new base is this run's newest version, the usual case.
+  held = record.get("anchor", record.get("base", first_anchor))  # ("base": older versions)
+  wanted = config.delta.anchor
+  if wanted and wanted != held and state.delta is not None and state.delta.anchor is not None:
+    # The anchor's own recurrent state starts where the student's is: exact when the
+    # new anchor is this run's newest version, the usual case.
     state = state.replace(delta=state.delta.replace(
-        base=guard_base(config, wanted, state.params),
-        base_rec=jax.tree.map(jnp.array, state.carry.rec_state)))
-    log.info(f"delta.base: the KL guard now holds to {wanted} (was {held or 'the run start'})")
+        anchor=guard_anchor(config, wanted, state.params),
+        anchor_rec=jax.tree.map(jnp.array, state.carry.rec_state)))
+    log.info(f"delta.anchor: the KL guard now holds to {wanted} (was {held or 'the run start'})")
     held = wanted
   return state, held
 
 
-def guard_base(config: Config, spec: str, params):
-  """The named frozen base `spec`, shaped like `params` (stacked for a swarm)."""
+def guard_anchor(config: Config, spec: str, params):
+  """The named frozen anchor `spec`, shaped like `params` (stacked for a swarm)."""
   if config.swarm.size == 1:
-    return named_base(spec, params)
+    return named_anchor(spec, params)
   # Every member is guarded by the same model (the session places the copies).
-  one = named_base(spec, member_state(params, 0))
+  one = named_anchor(spec, member_state(params, 0))
   return jax.tree.map(
       lambda x: np.broadcast_to(np.asarray(x), (config.swarm.size,) + x.shape).copy(), one)
 
@@ -136,18 +136,18 @@ def check_same(saved: dict, current: dict, key: str) -> None:
                    f"resume with the run's own config or start a new --run-dir")
 
 
-def named_base(spec: str, like_params):
-  """The parameters of version STEP (default: the newest) of run RUN_DIR, for `delta.base`
+def named_anchor(spec: str, like_params):
+  """The parameters of version STEP (default: the newest) of run RUN_DIR, for `delta.anchor`
   (a swarm's: its leader's).
 
   Parameters the named run lacks (the forecast channel, when it learned
-  without one) keep this run's start values: the base never reads a forecast.
+  without one) keep this run's start values: the anchor never reads a forecast.
   """
   run_dir, _, step = spec.partition("@")
   try:
     run = open_run(run_dir)
   except VersionError as err:
-    raise RunError(f"delta.base: {err}") from None
+    raise RunError(f"delta.anchor: {err}") from None
   try:
     if step and not step.isdigit():
       raise VersionError(f"{spec}: expected RUN_DIR or RUN_DIR@STEP")
@@ -157,7 +157,7 @@ def named_base(spec: str, like_params):
     state, _, _ = restore_member(run.checkpointer, run.config, tokenizer.vocab_size,
                                  tokenizer.bos_id, int(step) if step else None, "best")
   except (VersionError, ValueError, TypeError) as err:
-    raise RunError(f"delta.base: {err}") from None
+    raise RunError(f"delta.anchor: {err}") from None
   finally:
     run.checkpointer.close()
   named = dict(state.params)
@@ -166,6 +166,6 @@ def named_base(spec: str, like_params):
     if got is None:
       named[key] = value
     elif jax.tree.map(jnp.shape, got) != jax.tree.map(jnp.shape, value):
-      raise RunError(f"delta.base: {spec} has a different model ({key} differs in shape)")
+      raise RunError(f"delta.anchor: {spec} has a different model ({key} differs in shape)")
   extra = set(named) - set(like_params)
   return {k: v for k, v in named.items() if k not in extra}

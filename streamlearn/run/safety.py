@@ -2,7 +2,7 @@
 
 Two alarms, checked after every chunk:
   non-finite  the step skipped its update (NaN/Inf loss or gradient, see
-              `learner.learn_if_finite`) `max_skips` chunks in a row;
+              `learn.step.learn_if_finite`) `max_skips` chunks in a row;
   spike       the score — prequential bits/byte over the last `signal_chunks`
               chunks — exceeds the median of its last `median_chunks` values
               by more than `spike_fraction`.
@@ -122,11 +122,6 @@ class Guard:
       chunks.append(HostChunk(padded, len(real), n_bytes, {}))
     return tuple(chunks)
 
-  def reset(self) -> None:
-    """Starts the watch over (after a rollback)."""
-    self.recent, self.skips = [], []
-    self.detector = SpikeDetector(self.cfg.spike_fraction, self.cfg.median_chunks)
-
   def to_json(self) -> dict:
     return {"recent": self.recent, "skips": self.skips, "history": self.detector.history}
 
@@ -143,5 +138,5 @@ def lowered_lr_scale(current: float, cfg: SafetyConfig) -> float:
 
 
 def rollback_candidates(steps: list[int], before: int, discarded: set[int]) -> list[int]:
-  """Versions a rollback may restore, oldest first; the base (0) always qualifies."""
+  """Versions a rollback may restore, oldest first; the original (0) always qualifies."""
   return [s for s in steps if (s <= before and s not in discarded) or s == 0]

@@ -14,7 +14,7 @@ power cut before the disk flushed, a bad sector) fails to restore or fails its
 CRC; `restore(None, ...)` then warns in one line and takes the one before.
 
 Kept: the newest `max_to_keep`, one per `keep_period` chunks for the long term,
-the `keep_best` best by score, and version 0 — the original base — always.
+the `keep_best` best by score, and version 0 — the original — always.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from streamlearn.distributed import barrier, everywhere, host_copy, is_primary, 
 log = logging.getLogger(__name__)
 
 VERSIONS_DIR = "versions"
-BASE_STEP = 0  # the original base: saved before any learning, never rotated away
+ORIGINAL_STEP = 0  # the original: saved before any learning, never rotated away
 
 
 class VersionError(FileNotFoundError):
@@ -107,7 +107,7 @@ def state_crc32(state: Any) -> int:
 
 
 def _policy(cfg: CheckpointConfig):
-  keep = [policies.LatestN(cfg.max_to_keep), policies.CustomSteps([BASE_STEP])]
+  keep = [policies.LatestN(cfg.max_to_keep), policies.CustomSteps([ORIGINAL_STEP])]
   if cfg.keep_period:
     # Not exact multiples: versions after a rollback or a resume fall off the grid.
     keep.append(policies.EveryNSteps(cfg.keep_period, exact_interval=False))

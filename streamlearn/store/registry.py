@@ -1,7 +1,6 @@
-"""registry.json: a run's family tree — bases, every version, every rollback and restore.
+"""registry.json: a run's family tree — every version, every rollback and restore.
 
-    {"format": "streamlearn.registry", "version": 1,
-     "original_base": 0, "current_base": 0,
+    {"format": "streamlearn.registry", "version": 1, "original": 0,
      "versions": [{step, time, bytes, tokens, chunks, learner_step, scores, parent,
                    lr_scale, status, path}],
      "events": [{kind, time, ...}],
@@ -12,11 +11,10 @@ A version's status: "kept" (in versions/; `rolled_back` when a rollback went
 back past it), "rotated" (deleted by the keep policy), or "aside" (moved to
 aside/ by a restore or as unreadable; `path` says where). A step number may
 recur in a later line after a restore, so the entries are a list.
-`current_base` is the version later learning is measured against (a
-KL-to-base, say): the original base, version 0, until something promotes
-another (nothing does yet). `members` is a swarm's family tree (pbt.py): which
-member holds each slot, the leader, and every member that ever lived — its
-parent (None: from the base), birth, hyperparameters and score at each event.
+`original` is version 0, the state before any learning, kept forever.
+`members` is a swarm's family tree (pbt.py): which member holds each slot,
+the leader, and every member that ever lived — its parent (None: new from
+the start), birth, hyperparameters and score at each event.
 
 The checkpoints are the truth: every field of a version entry is also in the
 version's own record, so the registry is brought in line with versions/ each
@@ -33,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from streamlearn.distributed import is_primary
-from streamlearn.store.checkpoint import BASE_STEP, VersionError
+from streamlearn.store.checkpoint import ORIGINAL_STEP, VersionError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +68,14 @@ class Registry:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != _FORMAT or not isinstance(data.get("versions"), list):
           data, problem = None, "not a streamlearn registry"
+        elif "original_base" in data:  # written before version 0 was called the original
+          data["original"] = data.pop("original_base")
+          data.pop("current_base", None)
       except (OSError, ValueError, AttributeError) as err:
         problem = f"unreadable: {type(err).__name__}"
     if data is None:
-      data = {"format": _FORMAT, "version": _VERSION, "original_base": BASE_STEP,
-              "current_base": BASE_STEP, "versions": [], "events": []}
+      data = {"format": _FORMAT, "version": _VERSION, "original": ORIGINAL_STEP,
+              "versions": [], "events": []}
       if steps:
         log.warning(f"warning: {path} is {problem}; rebuilding it from {len(steps)} versions")
     registry = cls(run_dir, data)

@@ -51,8 +51,10 @@ def lock_run(run_dir: Path) -> RunLock | _Unlocked:
     raise RunError(str(err)) from None
 
 
-def run_tokenizer(run_dir: Path, checkpointer: Checkpointer, steps: list[int]) -> Tokenizer:
-  """The run's tokenizer: tokenizer.json, or the newest version's copy if that file is lost."""
+def run_tokenizer(run_dir: Path, checkpointer: Checkpointer, steps: list[int], *,
+                  repair: bool = True) -> Tokenizer:
+  """The run's tokenizer: tokenizer.json, or the newest version's copy if that file is lost
+  (written back to tokenizer.json when `repair`: the run's own process does, readers do not)."""
   try:
     return load_tokenizer(run_dir)
   except (OSError, ValueError) as err:
@@ -64,7 +66,7 @@ def run_tokenizer(run_dir: Path, checkpointer: Checkpointer, steps: list[int]) -
       continue
     log.warning(f"warning: {run_dir / 'tokenizer.json'} is unreadable ({problem}); "
                 f"restored it from version {step}")
-    if is_primary():
+    if repair and is_primary():
       tokenizer.save(run_dir)
     return tokenizer
   raise RunError(f"{run_dir / 'tokenizer.json'}: unreadable ({problem}) and no version has a copy")
@@ -77,16 +79,21 @@ class RunDir(NamedTuple):
   registry: Registry
 
 
+def read_config(run_dir: str | Path) -> Config:
+  """A run directory's config; a VersionError (one line) if it is not a run directory."""
+  config_path = Path(run_dir) / CONFIG_FILE
+  if not config_path.is_file():
+    raise VersionError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+  try:
+    return config_from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+  except (ValueError, ConfigError) as err:
+    raise VersionError(f"{config_path}: unreadable ({err})") from None
+
+
 def open_run(run_dir: str | Path, *, writable: bool = False) -> RunDir:
   """A run directory's config, versions and registry (brought in line with versions/)."""
   path = Path(run_dir)
-  config_path = path / CONFIG_FILE
-  if not config_path.is_file():
-    raise VersionError(f"{path}: not a run directory (no {CONFIG_FILE})")
-  try:
-    config = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-  except (ValueError, ConfigError) as err:
-    raise VersionError(f"{config_path}: unreadable ({err})") from None
+  config = read_config(path)
   checkpointer = Checkpointer(path, config.checkpoint, writable=writable)
   registry = Registry.open(path, checkpointer.all_steps(),
                            lambda step: checkpointer.read_record(step)[0])

@@ -7,9 +7,9 @@ bits/byte and replaces the worst `bottom_quantile` of them (those past
   copy   a member of the best `top_quantile` (its whole state, exploit), with
          every hyperparameter multiplied by one of `perturb`, or with
          probability `resample_prob` drawn afresh from the initial range (explore);
-  fresh  with probability `fresh_prob`: a new member from the base (a new seed,
+  fresh  with probability `fresh_prob`: a new member from the start (a new seed,
          hyperparameters drawn from the initial range), so new models keep coming.
-The device applies a `Plan` with one jitted gather and one jitted masked init
+The device applies a `Plan` with one jitted gather and, per fresh member, a jitted init
 (swarm.py); this file is NumPy and JSON only, and its state goes into every
 version's record, so a resumed run replaces exactly the members an
 uninterrupted one would.
@@ -41,7 +41,7 @@ class Plan:
 
   src_N: np.ndarray       # int32: the slot each slot's state is copied from (itself if kept)
   copied_N: np.ndarray    # bool: slots that take a copy of another member
-  fresh_N: np.ndarray     # bool: slots re-initialised from the base
+  fresh_N: np.ndarray     # bool: slots re-initialised from the start
   seed_N: np.ndarray      # int32: each slot's member seed (new members: their new seed)
   hp_N: dict[str, np.ndarray]  # float32: every slot's hyperparameters after the event
 
@@ -56,20 +56,20 @@ def scale_hparam(name: str, value: float, factor: float) -> float:
 class Population:
   """The swarm's host state: slots, lineage, score windows, the next event."""
 
-  def __init__(self, cfg: SwarmConfig, seed: int, base_hp: dict[str, float] | None = None,
+  def __init__(self, cfg: SwarmConfig, seed: int, centre_hp: dict[str, float] | None = None,
                saved: dict | None = None):
-    """A new population around `base_hp` (the learner's own values), or a saved one."""
+    """A new population around `centre_hp` (the learner's own values), or a saved one."""
     self.cfg, self.seed = cfg, seed
     if saved is not None:
       self._load(saved)
       return
-    self.base_hp = dict(base_hp)
+    self.centre_hp = dict(centre_hp)
     N = cfg.size
     rng = np.random.default_rng([seed, 0])
     self.members: dict[int, dict] = {}
-    for i in range(N):  # member 0 is the plain learner: the run's seed, the base values
-      hp = self.base_hp if i == 0 else self._resampled(rng)
-      self.members[i] = _entry(i, None, "base" if i == 0 else "initial", seed + i, 0, 0, hp)
+    for i in range(N):  # member 0 is the plain learner: the run's seed, the centre values
+      hp = self.centre_hp if i == 0 else self._resampled(rng)
+      self.members[i] = _entry(i, None, "centre" if i == 0 else "initial", seed + i, 0, 0, hp)
     self.slots = list(range(N))
     self.next_id, self.events, self.next_bytes = N, 0, cfg.interval_bytes
     # The last W chunks' bits and bytes per slot (0 bytes: skipped, or before the member's birth).
@@ -149,10 +149,10 @@ class Population:
     return Plan(src_N, copied_N, fresh_N, self.seeds_N(), self.hp_N())
 
   def _resampled(self, rng: np.random.Generator) -> dict[str, float]:
-    """Hyperparameters drawn from the initial range: base x [1/spread, spread], log-uniform."""
+    """Hyperparameters drawn from the initial range: centre x [1/spread, spread], log-uniform."""
     log_spread = math.log(self.cfg.init_spread)
     return {k: scale_hparam(k, v, math.exp(rng.uniform(-log_spread, log_spread)))
-            for k, v in sorted(self.base_hp.items())}
+            for k, v in sorted(self.centre_hp.items())}
 
   def _explored(self, hp: dict[str, float], rng: np.random.Generator) -> dict[str, float]:
     """A copy's hyperparameters: each perturbed, or resampled with probability resample_prob."""
@@ -167,7 +167,7 @@ class Population:
 
   def set_hparams(self, values: dict[str, float]) -> None:
     """Every living member, and the centre new ones are drawn around, takes these values."""
-    self.base_hp.update(values)
+    self.centre_hp.update(values)
     for m in self.slots:
       self.members[m] = {**self.members[m], "hp": {**self.members[m]["hp"], **values}}
 
@@ -178,7 +178,7 @@ class Population:
 
   def hp_N(self) -> dict[str, np.ndarray]:
     return {k: np.asarray([self.members[m]["hp"][k] for m in self.slots], np.float32)
-            for k in sorted(self.base_hp)}
+            for k in sorted(self.centre_hp)}
 
   def slot_of(self, member: str | int) -> int:
     """The slot of member `best` (the leader) or of a member id; KeyError if not alive."""
@@ -193,7 +193,7 @@ class Population:
     return registry_view(self.to_json())
 
   def to_json(self) -> dict:
-    return {"base_hp": self.base_hp, "slots": self.slots,
+    return {"centre_hp": self.centre_hp, "slots": self.slots,
             "members": [self.members[m] for m in sorted(self.members)],
             "next_id": self.next_id, "events": self.events, "next_bytes": self.next_bytes,
             "bits": self.bits_WxN.tolist(), "bytes": self.bytes_WxN.tolist(),
@@ -201,7 +201,8 @@ class Population:
 
   def _load(self, saved: dict) -> None:
     N = self.cfg.size
-    self.base_hp = {k: float(v) for k, v in saved["base_hp"].items()}
+    # ("base_hp": versions saved before the name changed)
+    self.centre_hp = {k: float(v) for k, v in saved.get("centre_hp", saved.get("base_hp")).items()}
     self.slots = [int(m) for m in saved["slots"]]
     self.members = {int(e["id"]): dict(e) for e in saved["members"]}
     self.next_id, self.events = int(saved["next_id"]), int(saved["events"])

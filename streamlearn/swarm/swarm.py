@@ -29,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from streamlearn.config import Config, SwarmConfig
 from streamlearn.distributed import host_copy, several
 from streamlearn.learn.build import build
-from streamlearn.learn.step import Chunk, LearnerState, init_learner
+from streamlearn.learn.chunk import Chunk
+from streamlearn.learn.state import LearnerState, init_learner
 from streamlearn.store.checkpoint import Checkpointer, VersionError, abstract_like
 from streamlearn.swarm.pbt import Plan, Population
 
@@ -122,8 +123,8 @@ def with_hparams(state: LearnerState, hp: dict[str, float]) -> LearnerState:
 def first_population(config: Config, fns: SwarmFns) -> Population:
   """The population a new swarm starts with, around the learner's own hp values."""
   # Read from a real state, not a list here: every key the learner has is explored.
-  base_hp = {k: float(v) for k, v in fns.init(np.int32(config.seed)).hp.items()}
-  return Population(config.swarm, config.seed, base_hp)
+  centre_hp = {k: float(v) for k, v in fns.init(np.int32(config.seed)).hp.items()}
+  return Population(config.swarm, config.seed, centre_hp)
 
 
 def initial_state(config: Config, vocab_size: int, bos_id: int) -> LearnerState:

@@ -1,0 +1,156 @@
+"""The learner's state: one pytree a jitted step takes and returns, and how it starts.
+
+A learner is a `Predictor` (the µLM plus the match model) with an optimizer;
+its `LearnerState` holds everything that changes along a stream: parameters,
+optimizer state, the `Carry` (recurrent state, last token, match history),
+the step count, the key, the safety net's learning-rate scale, the array
+hyperparameters and, for the delta learner, its `DeltaState`.
+
+Dimension letters: B = streams (1 for the CLI), T = tokens per chunk, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from streamlearn.config import Config, MatchConfig, OptimConfig
+from streamlearn.learn.chunk import Chunk, last_real_token, shift_in
+from streamlearn.learn.delta import DeltaSpec, DeltaState, delta_spec, init_delta
+from streamlearn.nn.match import MatchState, init_match, match_update
+from streamlearn.nn.model import LM
+
+
+@flax.struct.dataclass
+class Carry:
+  """What a stream carries from chunk to chunk besides the parameters."""
+
+  rec_state: Any           # the model's recurrent state (per layer h and conv tail)
+  last_token_B: jax.Array  # int32: the token before the next chunk (not yet read by the model)
+  match: MatchState | None  # the match model's history and tables (None: match model off)
+
+
+@flax.struct.dataclass
+class LearnerState:
+  params: Any
+  opt_state: Any
+  carry: Carry
+  step: jax.Array          # int32: chunks learned from so far
+  rng: jax.Array           # uint32[2]: the run's key; each step folds in `step`
+  lr_scale: jax.Array      # float32: multiplies every update; rollbacks lower it (safety.py)
+  # Hyperparameters that are arrays, not constants, so changing one (a swarm's
+  # exploration, a schedule) never recompiles the step: name -> float32 scalar.
+  # "lr" multiplies every update (on top of lr_scale); the delta learner's loss
+  # weights, EMA decay, gate temperature and replay weight live here too.
+  hp: dict[str, jax.Array]
+  delta: DeltaState | None = None  # forecasts, teacher, anchor, replay (streamlearn/learn/delta.py)
+
+
+def make_optimizer(cfg: OptimConfig, match_lr_mult: float = 1.0) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping; linear warm-up, then constant (a stream never ends).
+
+  The match model's trust table (`match_trust`) gets `match_lr_mult` times the
+  learning rate: its few numbers must settle within the first hundred chunks,
+  where matches help most, not over thousands.
+  """
+
+  def adamw(lr_mult: float) -> optax.GradientTransformation:
+    schedule = optax.linear_schedule(0.0, cfg.learning_rate * lr_mult,
+                                     max(cfg.warmup_steps, 1))
+    # Decay matrices only: norms' scales, biases and the LRU's decay logits stay put.
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                       weight_decay=cfg.weight_decay, mask=decay_mask)
+
+  def labels(params):
+    return {k: jax.tree.map(lambda _: "match" if k == "match_trust" else "net", v)
+            for k, v in params.items()}
+
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.multi_transform({"net": adamw(1.0), "match": adamw(match_lr_mult)}, labels),
+  )
+
+
+def learning_rate(cfg: OptimConfig, step: jax.Array) -> jax.Array:
+  return cfg.learning_rate * jnp.minimum(1.0, step / max(cfg.warmup_steps, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """The µLM plus the match model: how a stream's tokens become next-token logits.
+
+  `delta` says what the delta learner around them keeps (None: the plain learner).
+  """
+
+  lm: LM
+  match_cfg: MatchConfig | None   # None: the match model is off
+  delta: DeltaSpec | None = None
+
+  def init_carry(self, batch: int, bos_id: int) -> Carry:
+    """The carry before the stream's first token."""
+    return Carry(rec_state=self.lm.init_state(batch),
+                 last_token_B=jnp.full((batch,), bos_id, jnp.int32),
+                 match=init_match(self.match_cfg, batch) if self.match_cfg else None)
+
+  def advance(self, params, carry: Carry, tokens_BxT, n_real_B):
+    """(logits_BxTxV, carry after the first n_real_B tokens); logits[:, t] predicts tokens[:, t].
+
+    Tokens from n_real_B on are padding: no state moves past them. With
+    n_real_B = 0, the logits at t = 0 are the prediction for the next token.
+    """
+    inputs_BxT = shift_in(carry.last_token_B, tokens_BxT)
+    features, match = None, None
+    if self.match_cfg:
+      features, match = match_update(self.match_cfg, carry.match, tokens_BxT, n_real_B)
+    logits_BxTxV, rec_state = self.lm.apply(params, inputs_BxT, carry.rec_state, n_real_B,
+                                            features)
+    last_B = last_real_token(tokens_BxT, n_real_B, carry.last_token_B)
+    return logits_BxTxV, Carry(rec_state, last_B, match)
+
+
+def make_predictor(config: Config, vocab_size: int) -> Predictor:
+  match_cfg = config.match if config.match.enabled else None
+  spec = delta_spec(config.delta, config.replay, config.data.chunk_tokens)
+  lm = LM(config.model, vocab_size, match_len=match_cfg.max_len if match_cfg else 0,
+          match_orders=len(match_cfg.orders) if match_cfg else 0,
+          forecast_channel=bool(spec and spec.channel),
+          surprise_head=bool(spec and spec.delta.residual > 0))
+  return Predictor(lm, match_cfg, spec)
+
+
+def initial_hparams(spec: DeltaSpec | None = None) -> dict[str, jax.Array]:
+  """The array hyperparameters of a new learner (see LearnerState.hp)."""
+  values = {"lr": 1.0}
+  if spec is not None:
+    values.update(consistency=spec.delta.consistency, kl=spec.delta.kl,
+                  ema_decay=spec.delta.ema_decay, gate_temperature=spec.delta.gate_temperature,
+                  replay=spec.replay.weight)
+  return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+
+
+@functools.cache
+def _jitted(fn):
+  """One compiled function per (hashable) callable: a new jit each call would compile anew."""
+  return jax.jit(fn)
+
+
+def init_learner(predictor: Predictor, optimizer: optax.GradientTransformation, *, seed: int,
+                 bos_id: int, batch: int = 1) -> LearnerState:
+  """The state before the first chunk."""
+  # A raw uint32 key, not a typed one: checkpoints store it as a plain array.
+  key = jax.random.PRNGKey(seed)
+  params = _jitted(predictor.lm.init)(jax.random.fold_in(key, 0))
+  carry = predictor.init_carry(batch, bos_id)
+  spec = predictor.delta
+  return LearnerState(
+      params=params, opt_state=_jitted(optimizer.init)(params), carry=carry,
+      step=jnp.zeros((), jnp.int32), rng=key, lr_scale=jnp.ones((), jnp.float32),
+      hp=initial_hparams(spec),
+      delta=init_delta(spec, predictor.lm, params, carry.rec_state, batch) if spec else None)

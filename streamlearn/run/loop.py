@@ -1,0 +1,230 @@
+"""The main loop: chunks through the jitted step, each booked once it is scored; versions saved.
+
+    session, progress = open_session(config, run_dir=..., data=..., resume=...)
+    exit_code = run(session, progress, max_bytes=None)
+
+Reads as a run goes: the next chunk; the step dispatched on it; the chunk
+before it booked (its score, the safety net's watch, TensorBoard, the status
+line) while that step runs; at a checkpoint, a swarm event or an alarm, the
+last chunk booked too and then a version saved, members replaced or a
+rollback done. When the stream ends, --max-bytes is reached or the user
+presses Ctrl-C (or sends SIGTERM), a final version is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+
+from streamlearn.data.sources import SourceError
+from streamlearn.data.stream import HostChunk, TokenStream
+from streamlearn.distributed import is_primary
+from streamlearn.learn.prequential import device_chunk
+from streamlearn.run.console import Interrupts, StatusLine, human_bytes
+from streamlearn.run.rollback import RollbackError, rollback
+from streamlearn.run.safety import Alarm
+from streamlearn.run.session import Progress, Session
+from streamlearn.run.tags import NoWriter, write_chunk
+
+log = logging.getLogger("streamlearn.run")
+
+
+@dataclasses.dataclass
+class Report:
+  """What the run shows as it goes: TensorBoard, the status line, and its counts."""
+
+  writer: object
+  status: StatusLine
+  started: tuple[float, int]     # (monotonic time, bytes seen) when this invocation began
+  saved: int | None = None       # the newest version saved
+  data_shifts: int = 0           # spikes judged the data's: nothing rolled back
+  failed: bool = False           # the run stops on an error: exit code 1
+
+  def rate(self, progress: Progress) -> float:
+    """Bytes per second since this invocation started."""
+    start_time, start_bytes = self.started
+    return (progress.totals.bytes - start_bytes) / max(time.monotonic() - start_time, 1e-9)
+
+  def text(self, progress: Progress) -> str:
+    saved = f"version {self.saved}" if self.saved is not None else "no version yet"
+    return (f"{human_bytes(progress.totals.bytes)} seen | {human_bytes(self.rate(progress))}/s"
+            f" | {progress.totals.bits_per_byte:.3f} bits/byte | {saved}"
+            + safety_text(progress, self.data_shifts))
+
+
+def safety_text(progress: Progress, data_shifts: int = 0) -> str:
+  """What the safety net did, for the status line: '' when nothing."""
+  rollbacks = sum(e["kind"] == "rollback" for e in progress.events)
+  parts = []
+  if progress.totals.skipped:
+    parts.append(f"{progress.totals.skipped} updates skipped (NaN/Inf)")
+  if rollbacks:
+    parts.append(f"{rollbacks} rollback{'s' * (rollbacks > 1)}")
+  if data_shifts:
+    parts.append(f"{data_shifts} data shift{'s' * (data_shifts > 1)}, nothing rolled back")
+  return f" ({', '.join(parts)})" if parts else ""
+
+
+def run(session: Session, progress: Progress, max_bytes: int | None = None) -> int:
+  """Streams until the source ends, max_bytes, or Ctrl-C; returns the exit code."""
+  from tensorboardX import SummaryWriter
+
+  config = session.config
+  report = Report(SummaryWriter(str(session.run_dir / "tb")) if is_primary() else NoWriter(),
+                  StatusLine(config.log.progress_seconds),
+                  (time.monotonic(), progress.totals.bytes))
+  streams = Streams(session, max_bytes)
+  chunks = streams.open(progress.position)
+  if progress.position is None:  # a new run: its original state is version 0
+    progress.position = streams.current.start_position
+    report.saved = session.save(progress)
+  else:
+    report.saved = progress.totals.chunks
+  in_flight = None  # (metrics on device, chunk) of the step dispatched last
+  interrupts = Interrupts()
+  try:
+    with interrupts.installed():
+      while not interrupts.requested:
+        # --- the next chunk (Ctrl-C may cut only the wait for data)
+        try:
+          with interrupts.raising():
+            chunk = next(chunks, None)
+        except SourceError as err:  # e.g. the file became unreadable mid-stream
+          log.error(f"error: {err}")
+          report.failed = True
+          break
+        if chunk is None:
+          break
+        # --- its step in flight; only now the one dispatched before it is read
+        progress.state, metrics = session.step_fn(progress.state, device_chunk(chunk))
+        alarm = book(session, progress, report, *in_flight) if in_flight else None
+        in_flight = (metrics, chunk)
+        # --- a checkpoint, a swarm event or an alarm: book this chunk too, then act.
+        # (A swarm's event comes after the chunk that crosses its interval: the same
+        # point on a resume.)
+        due = progress.totals.chunks + 1 - report.saved >= config.checkpoint.every_chunks
+        evolve = (session.swarm is not None
+                  and session.swarm.due(progress.totals.bytes + chunk.n_bytes))
+        if not (alarm or due or evolve):
+          continue
+        last = book(session, progress, report, *in_flight)
+        alarm, in_flight = alarm or last, None  # the earlier alarm marks the onset
+        restored = False
+        if alarm:
+          progress, restored, restream = act_on(session, progress, alarm, report)
+          if restream:
+            chunks = streams.open(progress.position)
+        if evolve and not restored:
+          evolve_swarm(session, progress, report)
+        if restored or due:  # a rollback is saved at once
+          report.saved = session.save(progress)
+  except KeyboardInterrupt:
+    interrupts.requested = True
+  except RollbackError as err:
+    log.error(f"error: {err}")
+    report.failed = True
+  finally:
+    # --- the way out: the last chunk booked, a final version, everything closed
+    alarm = book(session, progress, report, *in_flight) if in_flight else None
+    if alarm:
+      try:
+        progress, _, _ = act_on(session, progress, alarm, report)
+      except RollbackError as err:
+        log.error(f"error: {err}")
+        report.failed = True
+    report.saved = session.save(progress)
+    session.close()
+    report.writer.close()
+    report.status.update(report.text(progress), force=True)
+    report.status.close()
+  log.info(summary(session, progress, report, interrupts.requested))
+  return 1 if report.failed else 0
+
+
+class Streams:
+  """The run's token stream, opened again at a rollback's position when it restreams,
+  with --max-bytes counting every byte read this invocation."""
+
+  def __init__(self, session: Session, max_bytes: int | None):
+    self.session, self.max_bytes = session, max_bytes
+    self.current: TokenStream | None = None
+    self.read_before = 0  # bytes that streams opened earlier read
+
+  def open(self, position: dict | None):
+    if self.current is not None:
+      self.read_before += self.current.bytes_read
+    remaining = None if self.max_bytes is None else max(self.max_bytes - self.read_before, 0)
+    self.current = self.session.token_stream(position, remaining)
+    return iter(self.current)
+
+
+def book(session: Session, progress: Progress, report: Report, metrics,
+         chunk: HostChunk) -> Alarm | None:
+  """Books one scored chunk into the run's totals and logs; returns the alarm it raises."""
+  m = jax.device_get(metrics)
+  if session.swarm is not None:  # every member booked; the run goes by the leader's numbers
+    m = session.swarm.observe(m, chunk.n_bytes)
+  totals, skipped = progress.totals, bool(m["skipped"])
+  totals.bytes += chunk.n_bytes
+  totals.tokens += chunk.n_tokens
+  totals.chunks += 1
+  if skipped:
+    totals.skipped += 1
+    totals.skipped_bytes += chunk.n_bytes
+    log.warning(f"warning: chunk {totals.chunks:,}: update skipped (NaN/Inf loss or gradient)")
+  else:
+    totals.bits += float(m["bits"])
+  progress.position = chunk.position
+  step = totals.chunks
+  alarm = progress.guard.observe(step, float(m["bits"]), chunk, skipped)
+  if step % session.config.log.tensorboard_every == 0:
+    write_chunk(report.writer, step, m, totals.bits_per_byte, report.rate(progress),
+                totals.tokens / max(totals.bytes, 1), skipped, progress.guard.score())
+    if session.swarm is not None:
+      session.swarm.log(report.writer, step)
+  if session.canaries.due(step):
+    score_canaries(session, progress, report.writer, step)
+  report.status.update(report.text(progress))
+  return alarm
+
+
+def act_on(session: Session, progress: Progress, alarm: Alarm, report: Report):
+  """(progress, whether a version was restored, whether the stream goes back) after an alarm."""
+  outcome = rollback(session, progress, alarm, report.writer)
+  if outcome.restored is None:
+    report.data_shifts += 1
+  return outcome.progress, outcome.restored is not None, outcome.restream
+
+
+def evolve_swarm(session: Session, progress: Progress, report: Report) -> None:
+  """One population-based-training event: poor members replaced on the device."""
+  totals = progress.totals
+  progress.state, plan = session.swarm.evolve(progress.state, totals.bytes, totals.chunks)
+  replaced = int(plan.copied_N.sum() + plan.fresh_N.sum())
+  report.writer.add_scalar("swarm/replaced", replaced, totals.chunks)
+  if replaced:
+    session.set_members()
+    session.registry.write()
+
+
+def score_canaries(session: Session, progress: Progress, writer, step: int) -> None:
+  """Each canary's bits/byte under the current (a swarm's: the leader's) parameters."""
+  params = session.leader_params(progress.state)
+  empty = session.predictor.init_carry(1, session.tokenizer.bos_id)
+  for name, bpb in session.canaries.score(session.score_fn, params, empty).items():
+    writer.add_scalar(f"canary/{name}/bits_per_byte", bpb, step)
+
+
+def summary(session: Session, progress: Progress, report: Report, interrupted: bool) -> str:
+  """The run's last line."""
+  totals = progress.totals
+  if totals.bytes == 0:
+    log.info("the stream was empty: nothing learned")
+  skipped = ", ".join(f"{n} {why}" for why, n in sorted(session.source.skipped.items()))
+  return (f"{'interrupted' if interrupted else 'done'}: {totals.bytes:,} bytes, "
+          f"{totals.bits_per_byte:.4f} bits/byte prequential, version {report.saved} in "
+          f"{session.run_dir}" + safety_text(progress, report.data_shifts)
+          + (f" (files skipped: {skipped})" if skipped else ""))
