@@ -4,6 +4,8 @@ import getpass
 import os
 import secrets
 import tempfile
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -43,3 +45,24 @@ def pytest_runtest_makereport(item, call):
   seed = getattr(item, "streamlearn_seed", None)
   if report.failed and seed is not None:
     report.sections.append(("random seed", f"STREAMLEARN_TEST_SEED={seed} replays this test"))
+
+
+class FinishedRun(NamedTuple):
+  run_dir: Path   # read-only: copy it (shutil.copytree, without .lock) to change it
+  data: Path      # the file it streamed: resume with this very path
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> FinishedRun:
+  """One finished tiny run, built once per test process: 3,000 bytes of stdlib text with a
+  version every 10 chunks (versions 0, 10, ..., 40, 47)."""
+  from streamlearn.cli.run import main as run_main
+
+  from safety_runs import SAFE, stdlib_text
+
+  root = tmp_path_factory.mktemp("finished")
+  data = root / "text.txt"
+  data.write_bytes(stdlib_text(3000))
+  run_dir = root / "run"
+  assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir)]) == 0
+  return FinishedRun(run_dir, data)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from streamlearn import Learner
-from streamlearn.cli.run import main as run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.toml")
@@ -29,12 +28,9 @@ def text_file(tmp_path_factory):
   return path
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, text_file):
-  path = tmp_path_factory.mktemp("runs") / "tiny"
-  assert run_main(["--config", TINY, "--data", str(text_file), "--max-bytes", "2560",
-                   "--run-dir", str(path)]) == 0
-  return path
+@pytest.fixture
+def run_dir(finished_run):
+  return finished_run.run_dir
 
 
 def test_learner_feeds_reads_and_generates(text_file):
@@ -53,12 +49,14 @@ def test_learner_feeds_reads_and_generates(text_file):
   assert learner.generate("def ", max_tokens=20, seed=1) == sample  # reads, never learns
 
 
+@pytest.mark.e2e
 def test_learner_loads_a_cli_run(run_dir):
   learner = Learner.load(run_dir)
-  assert int(learner.state.step) == 40
+  assert int(learner.state.step) == 47
   assert learner.next_token_probs().shape == (259,)
 
 
+@pytest.mark.e2e
 def test_evaluate_scores_frozen_and_adaptive(run_dir, text_file, capsys):
   evaluate = load_script("evaluate")
   assert evaluate.main([str(run_dir), f"{run_dir}@20", "--data", str(text_file),
@@ -68,6 +66,7 @@ def test_evaluate_scores_frozen_and_adaptive(run_dir, text_file, capsys):
   assert out.count("| 1,280 |") == 2 and "sample 1" in out
 
 
+@pytest.mark.e2e
 def test_benchmark_reports_the_schema(tmp_path, text_file, capsys):
   benchmark = load_script("benchmark")
   out_json = tmp_path / "b.json"
@@ -81,6 +80,7 @@ def test_benchmark_reports_the_schema(tmp_path, text_file, capsys):
   assert "| streamlearn tiny |" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_benchmark_forgetting_check_with_a_stronger_guard_on_b(text_file, capsys):
   benchmark = load_script("benchmark")
   assert benchmark.main(["--data", str(text_file), "--bytes", "300", "--config", TINY,
@@ -94,6 +94,7 @@ def test_benchmark_forgetting_check_with_a_stronger_guard_on_b(text_file, capsys
   assert "--forgetting-kl: expected comma-separated numbers" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_bench_step_times_variants_as_ratios(text_file, capsys):
   bench_step = load_script("bench_step")
   assert bench_step.main(["--config", TINY, "--data", str(text_file), "--chunks", "2",

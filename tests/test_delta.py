@@ -270,6 +270,7 @@ def _tags(run_dir: Path) -> bytes:
   return b"".join(f.read_bytes() for f in (run_dir / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.e2e
 def test_the_main_command_runs_the_delta_learner_with_canaries_and_a_named_anchor(tmp_path, caplog,
                                                                                capsys):
   caplog.set_level("INFO", logger="streamlearn")

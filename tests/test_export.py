@@ -13,11 +13,10 @@ from streamlearn.api import load_artifact
 from streamlearn.cli.export import export as export_version
 from streamlearn.cli.export import main as export_cli
 from streamlearn.cli.generate import main as export_main
-from streamlearn.cli.run import main as run_main
 from streamlearn.store.artifact import (ArtifactError, channel_axis, dequantize, quantize,
                                         read_artifact)
 
-from safety_runs import SAFE, stdlib_text
+from safety_runs import stdlib_text
 
 
 def test_int8_is_per_channel_and_within_half_a_step(rng):
@@ -38,20 +37,17 @@ def test_the_embedding_is_scaled_per_token_everything_else_per_output():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, finished_run):
   tmp = tmp_path_factory.mktemp("export")
-  text = stdlib_text(9000)
-  data = tmp / "text.txt"
-  data.write_bytes(text[:6000])
   held_out = tmp / "held_out.txt"
-  held_out.write_bytes(text[6000:9000])
-  run_dir = tmp / "run"
-  assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir)]) == 0
+  held_out.write_bytes(stdlib_text(9000)[6000:9000])   # text the run never saw
+  run_dir = finished_run.run_dir
   out = tmp / "model.slm"
   report = export_version(str(run_dir), None, str(out), str(held_out), None)
   return run_dir, out, report
 
 
+@pytest.mark.e2e
 def test_export_round_trip_is_small_and_close(exported):
   run_dir, out, report = exported
   assert report["artifact_bytes"] == out.stat().st_size
@@ -72,6 +68,7 @@ def test_export_round_trip_is_small_and_close(exported):
       assert np.all(np.abs(a - b) <= amax / 254 * (1 + 1e-5) + 1e-9), path
 
 
+@pytest.mark.e2e
 def test_loader_generates_without_pickle(exported, monkeypatch, capsys):
   _, out, _ = exported
 
@@ -103,6 +100,7 @@ def test_bad_artifacts_get_one_line(tmp_path, capsys, content, message):
   assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_export_script_errors_are_one_line(exported, tmp_path, capsys):
   run_dir, _, _ = exported
   script = export_cli

@@ -19,6 +19,8 @@ from streamlearn.store.checkpoint import Checkpointer, abstract_like
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
@@ -126,30 +128,52 @@ def test_empty_stream_is_reported_not_a_crash(tmp_path, caplog):
   assert "stream was empty" in caplog.text
 
 
-def test_module_entry_point_streams_stdin(tmp_path, text_file):
-  # The README's form of the command, as a user types it, fed through a pipe.
-  result = subprocess.run(
-      [sys.executable, "-m", "streamlearn.run", "--config", TINY, "--data", "-",
-       "--run-dir", str(tmp_path / "r")],
-      input=text_file.read_bytes()[:500], capture_output=True, timeout=300)
-  assert result.returncode == 0, result.stderr.decode()
-  assert b"500 bytes" in result.stderr
-
-
-def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
+def test_the_module_entry_point_streams_a_pipe_and_ctrl_c_saves(tmp_path, text_file):
+  # The README's form of the command, as a user types it, fed through a pipe that stays
+  # open; Ctrl-C while it waits for more.
   run_dir = tmp_path / "r"
-  # No --data: the embedded default (this interpreter's stdlib), far longer than the test.
   proc = subprocess.Popen(
-      [sys.executable, "-m", "streamlearn.run", "--config", TINY, "--run-dir", str(run_dir),
-       "--set", "checkpoint.every_chunks=100000"],
-      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-  deadline = time.monotonic() + 120
-  while not (run_dir / "tb").exists() and time.monotonic() < deadline:
-    time.sleep(0.2)
-  time.sleep(3.0)
+      [sys.executable, "-m", "streamlearn.run", "--config", TINY, "--data", "-",
+       "--run-dir", str(run_dir), "--set", "checkpoint.every_chunks=5"],
+      stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+  proc.stdin.write(text_file.read_bytes()[:640])  # 10 chunks of 64
+  proc.stdin.flush()
+  deadline = time.monotonic() + 240  # version 10 is on disk once all 10 are learned
+  while not (run_dir / "versions" / "10").exists() and proc.poll() is None:
+    assert time.monotonic() < deadline, "no version 10 in 240 s"
+    time.sleep(0.05)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err.decode()
-  assert b"interrupted" in err and b"Traceback" not in err
+  assert b"interrupted: 640 bytes" in err and b"Traceback" not in err
   state, stream = final_state(run_dir)
-  assert int(state.step) == stream["totals"]["chunks"] > 0
+  assert int(state.step) == stream["totals"]["chunks"] == 10
+
+
+def test_ctrl_c_in_a_step_stops_after_it_with_a_usable_checkpoint(tmp_path, monkeypatch, caplog):
+  # No --data: the embedded default (this interpreter's stdlib), far longer than the test.
+  # SIGINT arrives while the 5th step runs: the loop stops after it and saves.
+  from streamlearn.run import loop
+
+  real_step, calls = None, []
+
+  def step_then_ctrl_c(state, chunk):
+    calls.append(1)
+    if len(calls) == 5:
+      signal.raise_signal(signal.SIGINT)
+    return real_step(state, chunk)
+
+  real_open = loop.Streams.open
+
+  def opened(streams, position):  # the session's step, wrapped, once the loop holds it
+    nonlocal real_step
+    if real_step is None:
+      real_step, streams.session.step_fn = streams.session.step_fn, step_then_ctrl_c
+    return real_open(streams, position)
+
+  monkeypatch.setattr(loop.Streams, "open", opened)
+  run_dir = tmp_path / "r"
+  assert main(["--config", TINY, "--run-dir", str(run_dir)]) == 0
+  assert "interrupted: 320 bytes" in caplog.text
+  state, stream = final_state(run_dir)
+  assert int(state.step) == stream["totals"]["chunks"] == 5

@@ -93,6 +93,7 @@ def test_nan_update_is_skipped_and_counted():
 
 # --- rollbacks in a run ----------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_a_spike_from_harder_data_is_not_rolled_back(tmp_path):
   # Text, then random bytes: the spike is the data's. The version a rollback would restore
   # pays as much on those chunks, so nothing is rolled back and the learning rate stays.
@@ -129,6 +130,7 @@ def damaged_session(run_dir, data, overrides=()):
   return session, progress
 
 
+@pytest.mark.e2e
 def test_a_spike_from_bad_learning_rolls_back_to_the_last_good_version(tmp_path, before_damage):
   run_dir = copy_run(before_damage[0], tmp_path / "run")
   session, progress = damaged_session(run_dir, before_damage[1])
@@ -153,6 +155,7 @@ def test_a_spike_from_bad_learning_rolls_back_to_the_last_good_version(tmp_path,
   assert b"safety/rollback_to" in tb
 
 
+@pytest.mark.e2e
 def test_restream_streams_again_from_the_restored_version(tmp_path, before_damage):
   run_dir = copy_run(before_damage[0], tmp_path / "run")
   session, progress = damaged_session(run_dir, before_damage[1], ["safety.restream=true"])
@@ -168,6 +171,7 @@ def test_restream_streams_again_from_the_restored_version(tmp_path, before_damag
   assert entries[0]["status"] == "aside" and entries[1]["lr_scale"] == 0.5   # 140 again, anew
 
 
+@pytest.mark.e2e
 def test_repeated_nan_updates_roll_back(tmp_path, text_file, caplog):
   run_dir = tmp_path / "run"
   args = SAFE + ["--data", str(text_file), "--run-dir", str(run_dir)]
@@ -191,12 +195,10 @@ def test_repeated_nan_updates_roll_back(tmp_path, text_file, caplog):
 
 # --- versions, registry, restore -------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, text_file):
-  """An uninterrupted run over the whole file: versions 0, 10, ..., 40, 47."""
-  run_dir = tmp_path_factory.mktemp("runs") / "straight"
-  assert run_main(SAFE + ["--data", str(text_file), "--run-dir", str(run_dir)]) == 0
-  return run_dir
+@pytest.fixture
+def straight(finished_run):
+  """An uninterrupted run over its whole file: versions 0, 10, ..., 40, 47 (read-only)."""
+  return finished_run.run_dir
 
 
 def version_rows(out: str) -> dict[str, str]:
@@ -210,6 +212,7 @@ def copy_run(src, dst):
   return dst
 
 
+@pytest.mark.e2e
 def test_versions_lists_original_latest_best(straight, capsys):
   assert versions_main(["--run-dir", str(straight)]) == 0
   out = capsys.readouterr().out
@@ -221,6 +224,7 @@ def test_versions_lists_original_latest_best(straight, capsys):
   assert "best" in rows[str(best["step"])]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("damage", ["missing", "garbage"])
 def test_registry_is_rebuilt_from_the_checkpoints(straight, tmp_path, damage, capsys, caplog):
   run_dir = copy_run(straight, tmp_path / "run")
@@ -232,11 +236,12 @@ def test_registry_is_rebuilt_from_the_checkpoints(straight, tmp_path, damage, ca
   assert set(map(int, version_rows(capsys.readouterr().out))) == expected
 
 
-def test_restore_and_back_to_the_original_round_trip(straight, tmp_path, text_file, capsys):
+@pytest.mark.e2e
+def test_restore_and_back_to_the_original_round_trip(straight, tmp_path, finished_run, capsys):
   restore = load_script("restore").main
   end_state, end_record = final(straight)
   run_dir = copy_run(straight, tmp_path / "run")
-  resume = SAFE + ["--data", str(text_file), "--run-dir", str(run_dir), "--resume"]
+  resume = SAFE + ["--data", str(finished_run.data), "--run-dir", str(run_dir), "--resume"]
   for target, flag in ((20, ["--step", "20"]), (0, ["--original"])):
     later = [s for s in steps(run_dir) if s > target]
     assert restore(["--run-dir", str(run_dir)] + flag) == 0
@@ -261,6 +266,7 @@ def steps(run_dir):
     checkpointer.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("target", ["--step=999", "--step=40"])
 def test_restore_refuses_a_missing_or_corrupt_version_and_changes_nothing(
     straight, tmp_path, capsys, target):
@@ -283,7 +289,8 @@ def corrupt_state(version_dir):
     f.write_bytes(f.read_bytes()[:7])
 
 
-def test_corrupt_latest_falls_back_to_the_previous_version(straight, tmp_path, text_file,
+@pytest.mark.e2e
+def test_corrupt_latest_falls_back_to_the_previous_version(straight, tmp_path, finished_run,
                                                            caplog):
   end_state, end_record = final(straight)
   run_dir = copy_run(straight, tmp_path / "run")
@@ -293,13 +300,15 @@ def test_corrupt_latest_falls_back_to_the_previous_version(straight, tmp_path, t
   assert int(state.step) == 40
   assert "version 47 is unreadable" in caplog.text and "falling back to version 40" in caplog.text
   # Resuming: the damaged version moves aside, the run goes on and ends where it would have.
-  assert run_main(SAFE + ["--data", str(text_file), "--run-dir", str(run_dir), "--resume"]) == 0
+  assert run_main(SAFE + ["--data", str(finished_run.data), "--run-dir", str(run_dir),
+                          "--resume"]) == 0
   assert list((run_dir / "aside").glob("*-unreadable/47"))
   state, record = final(run_dir)
   assert record["totals"] == end_record["totals"]
   assert_same_state(state, end_state)
 
 
+@pytest.mark.e2e
 def test_a_run_in_use_is_not_restored(straight, tmp_path, capsys):
   from streamlearn.store.rundir import RunLock
   run_dir = copy_run(straight, tmp_path / "run")

@@ -54,6 +54,7 @@ def sharded(tmp_path_factory):
     child.wait()
 
 
+@pytest.mark.e2e
 def test_sharded_over_four_devices_equals_one_device(sharded, one_device):
   state, bits_KxN, _, plans, devices = one_device
   sharded = sharded()
@@ -261,6 +262,7 @@ def test_bad_several_process_flags_are_one_line_errors(extra, why, capsys):
   assert why in err and err.count("\n") == 1
 
 
+@pytest.mark.e2e
 def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processes):
   data = tmp_path / "text.txt"
   data.write_bytes(stdlib_text(2600))
@@ -315,6 +317,7 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processe
   assert len(list((shared / "tb").glob("events.out.tfevents.*"))) == 2  # process 0's, then ours
 
 
+@pytest.mark.e2e
 def test_nan_updates_in_a_swarm_roll_the_whole_swarm_back(tmp_path):
   data = tmp_path / "text.txt"
   data.write_bytes(stdlib_text(2600))

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
-from streamlearn.config import Config
+from streamlearn.config import Config, DeltaConfig
 from streamlearn.learn.delta_step import make_delta_step
 from streamlearn.learn.state import make_optimizer, make_predictor
 from streamlearn.learn.step import make_plain_step
 
 
-@functools.cache
 def build(config: Config, vocab_size: int):
-  """(predictor, optimizer, step) for a config and a vocabulary size; cached, so
-  runs in one process with the same config share one compiled step."""
+  """(predictor, optimizer, step) for a config and a vocabulary size.
+
+  Cached by what shapes the step, so every run in one process whose config
+  differs only elsewhere (name, seed, checkpoints, logs, the safety net, the
+  anchor's path, swarm settings) shares one compiled step.
+  """
+  return _build(step_shaping(config), vocab_size)
+
+
+def step_shaping(config: Config) -> Config:
+  """The config with only what shapes the compiled step kept; the rest at its defaults."""
+  return Config(model=config.model, match=config.match, tokenizer=config.tokenizer,
+                data=config.data, optim=config.optim, replay=config.replay,
+                delta=dataclasses.replace(config.delta, anchor=DeltaConfig.anchor))
+
+
+@functools.cache
+def _build(config: Config, vocab_size: int):
   predictor = make_predictor(config, vocab_size)
   optimizer = make_optimizer(config.optim, config.match.lr_mult)
   make_step = make_plain_step if predictor.delta is None else make_delta_step

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from streamlearn.config import Config, SwarmConfig
 from streamlearn.distributed import host_copy, several
-from streamlearn.learn.build import build
+from streamlearn.learn.build import build, step_shaping
 from streamlearn.learn.chunk import Chunk
 from streamlearn.learn.state import LearnerState, init_learner
 from streamlearn.store.checkpoint import Checkpointer, VersionError, abstract_like
@@ -63,8 +63,10 @@ class SwarmFns(NamedTuple):
 
 
 def build_swarm(config: Config, vocab_size: int, bos_id: int) -> SwarmFns:
-  """The jitted swarm functions; runs whose configs differ only in PBT settings share them."""
-  compiled_alike = dataclasses.replace(config, swarm=SwarmConfig(size=config.swarm.size))
+  """The jitted swarm functions; runs whose configs differ only in what does not shape the
+  step (PBT settings among them) share them."""
+  compiled_alike = dataclasses.replace(step_shaping(config),
+                                       swarm=SwarmConfig(size=config.swarm.size))
   return _build_swarm(compiled_alike, vocab_size, bos_id)
 
 
