@@ -16,7 +16,7 @@ without learning from it.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -25,9 +25,10 @@ import numpy as np
 
 from streamlearn.config import Config, ConfigError, config_from_dict, load_config
 from streamlearn.data.tokenizer import Tokenizer, make_tokenizer, tokenizer_from_json
+from streamlearn.learn import sample as sample_lib
 from streamlearn.learn.build import build
 from streamlearn.learn.chunk import Chunk
-from streamlearn.learn.state import Carry, Predictor, init_learner
+from streamlearn.learn.state import Carry, init_learner
 from streamlearn.store.artifact import ArtifactError, read_artifact
 from streamlearn.store.checkpoint import Checkpointer, VersionError
 from streamlearn.store.rundir import RunError, read_config, run_tokenizer
@@ -36,42 +37,6 @@ from streamlearn.swarm.swarm import restore_member
 
 def _as_bytes(text: str | bytes) -> bytes:
   return text.encode("utf-8") if isinstance(text, str) else bytes(text)
-
-
-@functools.cache
-def _walk(predictor: Predictor):
-  """Jitted: the carry after the first n of T tokens, and the logits for the token after them."""
-
-  def walk(params, carry: Carry, tokens_1xT, n):
-    _, carry = predictor.advance(params, carry, tokens_1xT, jnp.reshape(n, (1,)))
-    return carry, _next_logits(predictor, params, carry)
-
-  return jax.jit(walk)
-
-
-def _next_logits(predictor: Predictor, params, carry: Carry) -> jax.Array:
-  # A chunk with no real token: its first logits are the prediction for what
-  # comes next, and the carry does not move.
-  logits_1x1xV, _ = predictor.advance(params, carry, jnp.zeros((1, 1), jnp.int32),
-                                      jnp.zeros((1,), jnp.int32))
-  return logits_1x1xV[:, 0]
-
-
-@functools.cache
-def _sampler(predictor: Predictor, max_tokens: int):
-  def sample(params, carry: Carry, key, temperature):
-    def one(carry, key):
-      logits_1xV = _next_logits(predictor, params, carry) / jnp.maximum(temperature, 1e-6)
-      greedy = jnp.argmax(logits_1xV, axis=-1)
-      drawn = jax.random.categorical(key, logits_1xV, axis=-1)
-      token_1 = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
-      _, carry = predictor.advance(params, carry, token_1[:, None], jnp.ones((1,), jnp.int32))
-      return carry, token_1[0]
-
-    _, tokens = jax.lax.scan(one, carry, jax.random.split(key, max_tokens))
-    return tokens
-
-  return jax.jit(sample)
 
 
 class Learner:
@@ -149,34 +114,82 @@ class Learner:
 
   # --- reading ----------------------------------------------------------------------------
 
-  def _current(self):
-    """(carry, next-token logits) after every token fed so far."""
-    return self._walk_from(self.state.carry, self._pending)
+  def _forecast(self):
+    """(forecast tokens [K], whether it is on): the delta learner's forecast of the next chunk,
+    which the step reads beside the chunk's first K tokens."""
+    delta = self.state.delta
+    if delta is None or delta.pending is None:
+      return jnp.zeros((1,), jnp.int32), jnp.bool_(False)
+    return delta.pending.token_BxK[0], delta.pending.made_at >= 0
 
-  def _walk_from(self, carry: Carry, tokens: np.ndarray):
+  def _read(self, tokens: np.ndarray, carry: Carry | None = None, start: int = 0):
+    """The carry after reading `tokens` from `carry` (default: the state's), as the step would
+    read them at chunk position `start`; returns (carry, the chunk position after them)."""
     T = self.config.data.chunk_tokens
-    walk = _walk(self.predictor)
-    logits = _next_logits(self.predictor, self.state.params, carry) if not len(tokens) else None
+    carry = self.state.carry if carry is None else carry
+    walk, (forecast_K, forecast_on) = sample_lib.walker(self.predictor), self._forecast()
     for lo in range(0, len(tokens), T):
       piece = tokens[lo:lo + T]
       padded = np.full((1, T), self.tokenizer.pad_id, np.int32)
       padded[0, :len(piece)] = piece
-      carry, logits = walk(self.state.params, carry, jnp.asarray(padded), len(piece))
-    return carry, logits
+      carry = walk(self.state.params, carry, jnp.asarray(padded), len(piece), start + lo,
+                   forecast_K, forecast_on)
+    return carry, start + len(tokens)
 
-  def next_token_probs(self) -> np.ndarray:
-    """Probabilities [vocab] of the next token, given everything fed so far."""
-    _, logits = self._current()
-    return np.asarray(jax.nn.softmax(logits[0]))
+  def next_token_logits(self, text: str | bytes = b"") -> np.ndarray:
+    """Logits [vocab] of the next token after everything fed (and `text`, not learned):
+    exactly what the step will score that token with."""
+    carry, position = self._read(np.concatenate(
+        [self._pending, self.tokenizer.encode(_as_bytes(text))]).astype(np.int32))
+    logits = sample_lib.next_logits(self.predictor)(self.state.params, carry, position,
+                                                    *self._forecast())
+    return np.asarray(logits[0], np.float32)
+
+  def next_token_probs(self, text: str | bytes = b"") -> np.ndarray:
+    """Probabilities [vocab] of the next token, given everything fed so far (and `text`)."""
+    return np.asarray(jax.nn.softmax(self.next_token_logits(text)))
 
   def generate(self, prompt: str | bytes = b"", *, max_tokens: int = 200,
-               temperature: float = 1.0, seed: int = 0) -> str:
-    """Continues the stream (plus `prompt`) without learning; decoded as UTF-8 (lenient)."""
-    carry, _ = self._current()
-    carry, _ = self._walk_from(carry, self.tokenizer.encode(_as_bytes(prompt)))
-    tokens = _sampler(self.predictor, max_tokens)(self.state.params, carry,
-                                                  jax.random.PRNGKey(seed), float(temperature))
-    return self.tokenizer.decode(np.asarray(tokens)).decode("utf-8", errors="replace")
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               repetition_penalty: float = 1.0, stop: Sequence[str] = (), seed: int = 0) -> str:
+    """Continues the stream (plus `prompt`) without learning; decoded as UTF-8 (lenient).
+
+    temperature 0 is greedy; top_k, top_p and repetition_penalty shape the draw
+    (streamlearn/learn/sample.py); generation ends after max_tokens, at the first
+    of the `stop` strings (left out of the text) or at a document separator.
+    """
+    options = sample_lib.Sampling(temperature, top_k, top_p, repetition_penalty)
+    tokens = np.concatenate([self._pending, self.tokenizer.encode(_as_bytes(prompt))])
+    carry, position = self._read(tokens.astype(np.int32))
+    recent = np.full(sample_lib.WINDOW, -1, np.int32)
+    context = tokens[-sample_lib.WINDOW:]
+    recent[len(recent) - len(context):] = context
+    never = np.zeros(self.tokenizer.vocab_size, bool)
+    never[[self.tokenizer.bos_id, self.tokenizer.pad_id]] = True
+    sampler, key = sample_lib.block_sampler(self.predictor), jax.random.PRNGKey(seed)
+    out, recent = [], jnp.asarray(recent)
+    while sum(map(len, out)) < max_tokens:
+      key, block_key = jax.random.split(key)
+      block, carry, position, recent = sampler(
+          self.state.params, carry, jnp.int32(position), recent, block_key, jnp.asarray(never),
+          options.arrays(), *self._forecast())
+      out.append(np.asarray(block))
+      text, done = self._until_stop(np.concatenate(out)[:max_tokens], stop)
+      if done:
+        return text
+    return self._until_stop(np.concatenate(out)[:max_tokens] if out else np.zeros(0, np.int32),
+                            stop)[0]
+
+  def _until_stop(self, tokens: np.ndarray, stop: Sequence[str]) -> tuple[str, bool]:
+    """(the text of `tokens` up to a document separator or a stop string, whether it ended)."""
+    ended = np.flatnonzero(tokens == self.tokenizer.doc_id)
+    if len(ended):
+      tokens = tokens[:ended[0]]
+    text = self.tokenizer.decode(tokens).decode("utf-8", errors="replace")
+    cuts = [text.find(s) for s in stop if s and s in text]
+    if cuts:
+      return text[:min(cuts)], True
+    return text, bool(len(ended))
 
 
 def load_artifact(path: str | Path):

@@ -1,6 +1,7 @@
 """Text from a run's version or an exported artifact, learning nothing.
 
     streamlearn generate model.slm --prompt "The " [--tokens 200] [--temperature 0.8]
+        [--top-k K] [--top-p P] [--repetition-penalty R] [--stop TEXT ...] [--seed N]
     streamlearn generate checkpoints/default[@STEP] --prompt "def " [--member best|ID]
 
 TARGET is an artifact file (`streamlearn export`) or a run directory, at its
@@ -20,6 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--prompt", default="")
   parser.add_argument("--tokens", type=int, default=200, help="tokens to generate")
   parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+  parser.add_argument("--top-k", type=int, default=0, help="only the K likeliest tokens (0: all)")
+  parser.add_argument("--top-p", type=float, default=1.0,
+                      help="only the likeliest tokens that together hold P (1: all)")
+  parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                      help="> 1 makes the last 64 tokens less likely again (1: off)")
+  parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                      help="end the text before this string (may be given several times)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--member", default="best", metavar="best|ID",
                       help="a run's swarm member (default: the leader)")
@@ -40,8 +48,14 @@ def command(args: argparse.Namespace) -> int:
       learner = load_artifact(args.target)
   except (ArtifactError, VersionError, FileNotFoundError) as err:
     return error(str(err))
-  print(args.prompt + learner.generate(args.prompt, max_tokens=args.tokens,
-                                       temperature=args.temperature, seed=args.seed))
+  try:
+    text = learner.generate(args.prompt, max_tokens=args.tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, stop=args.stop,
+                            seed=args.seed)
+  except ValueError as err:
+    return error(str(err))
+  print(args.prompt + text)
   return 0
 
 

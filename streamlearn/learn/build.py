@@ -34,3 +34,8 @@ def _build(config: Config, vocab_size: int):
   optimizer = make_optimizer(config.optim, config.match.lr_mult)
   make_step = make_plain_step if predictor.delta is None else make_delta_step
   return predictor, optimizer, make_step(predictor, optimizer, config.optim)
+
+
+def forget_built() -> None:
+  """Drops every cached learner, so the next `build` traces anew (after a test patches a part)."""
+  _build.cache_clear()

@@ -28,23 +28,18 @@ import optax
 from streamlearn.config import OptimConfig
 from streamlearn.learn import delta as dl
 from streamlearn.learn import replay as replay_lib
-from streamlearn.learn.chunk import Chunk, last_real_token, n_real, shift_in
+from streamlearn.learn.chunk import Chunk, n_real, shift_in
 from streamlearn.learn.delta import DeltaSpec
-from streamlearn.learn.state import Carry, LearnerState, Predictor
+from streamlearn.learn.state import Carry, LearnerState, Predictor, Read
 from streamlearn.learn.step import LN2, apply_update, score_metrics, step_learning_rate, token_nll
-from streamlearn.nn.match import MatchFeatures, MatchState, match_update
 from streamlearn.nn.model import LM, ForecastInput
 
 
-class Read(NamedTuple):
+class Seen(NamedTuple):
   """Phase 1: a chunk as the step meets it, before any update."""
 
-  inputs_BxT: jax.Array     # each token's predecessor: what the model reads
-  n_real_B: jax.Array
+  read: Read                # what the model reads of it (the predictor's, as the sampler's)
   n_tokens: jax.Array       # real tokens, at least 1 (a divisor)
-  features: MatchFeatures | None  # the match model's prediction of each token
-  match: MatchState | None  # the match model's state after the chunk
-  last_B: jax.Array         # the chunk's last real token (the next chunk's first input)
   teacher_hidden_BxTxD: jax.Array | None
   teacher_rec: Any
   anchor_logp_BxTxV: jax.Array | None
@@ -60,32 +55,29 @@ class Scored(NamedTuple):
   ok: jax.Array             # bool: score (and gradient) finite
 
 
-def read(predictor: Predictor, state: LearnerState, chunk: Chunk) -> Read:
+def read(predictor: Predictor, state: LearnerState, chunk: Chunk) -> Seen:
   spec, lm, carry, d = predictor.delta, predictor.lm, state.carry, state.delta
-  n_real_B = n_real(chunk.mask_BxT)
-  inputs_BxT = shift_in(carry.last_token_B, chunk.tokens_BxT)
-  features = match = None
-  if predictor.match_cfg:
-    features, match = match_update(predictor.match_cfg, carry.match, chunk.tokens_BxT, n_real_B)
-  last_B = last_real_token(chunk.tokens_BxT, n_real_B, carry.last_token_B)
+  seen = predictor.read(carry, chunk.tokens_BxT, n_real(chunk.mask_BxT))
   teacher_hidden = teacher_rec = anchor_logp = anchor_rec = None
   if spec.teacher:
     _, teacher_rec, teacher_hidden = lm.apply_with_hidden(
-        d.teacher, inputs_BxT, d.teacher_rec, n_real_B, features)
+        d.teacher, seen.inputs_BxT, d.teacher_rec, seen.n_real_B, seen.features)
   if spec.anchor:
-    anchor_logits, anchor_rec = lm.apply(d.anchor, inputs_BxT, d.anchor_rec, n_real_B, features)
+    anchor_logits, anchor_rec = predictor.logits(d.anchor, d.anchor_rec, seen)
     anchor_logp = jax.nn.log_softmax(anchor_logits.astype(jnp.float32))
-  return Read(inputs_BxT, n_real_B, jnp.maximum(jnp.sum(chunk.mask_BxT), 1.0), features, match,
-              last_B, teacher_hidden, teacher_rec, anchor_logp, anchor_rec)
+  return Seen(seen, jnp.maximum(jnp.sum(chunk.mask_BxT), 1.0), teacher_hidden, teacher_rec,
+              anchor_logp, anchor_rec)
 
 
-def score(lm: LM, params, rec_state, seen: Read, chunk: Chunk, forecast: ForecastInput | None,
-          with_grads: bool) -> Scored:
-  """The chunk's score by `params`, read beside its forecast; with its gradient on arrival."""
+def score(predictor: Predictor, params, rec_state, seen: Seen, chunk: Chunk,
+          forecast: ForecastInput | None, with_grads: bool) -> Scored:
+  """The chunk's score by `params`, read beside its forecast; with its gradient on arrival.
+
+  The predictor's own `logits`: what the sampler reads (api.py) is what is scored here.
+  """
 
   def loss_fn(params):
-    logits, rec_after = lm.apply(params, seen.inputs_BxT, rec_state, seen.n_real_B,
-                                 seen.features, forecast)
+    logits, rec_after = predictor.logits(params, rec_state, seen.read, forecast)
     nll_sum = jnp.sum(token_nll(logits, chunk.tokens_BxT) * chunk.mask_BxT)
     return nll_sum / seen.n_tokens, (nll_sum, rec_after)
 
@@ -108,13 +100,13 @@ def forecast_metrics(pending: dl.Forecast, chunk: Chunk) -> dict[str, jax.Array]
           "forecast_made_at": pending.made_at}
 
 
-def observed(spec: DeltaSpec, state: LearnerState, chunk: Chunk, seen: Read,
+def observed(spec: DeltaSpec, state: LearnerState, chunk: Chunk, seen: Seen,
              bits_per_token) -> dl.Observed:
   """The chunk as the ring keeps it, for learning from it `lag` ticks later."""
   return dl.Observed(
       tokens_BxT=chunk.tokens_BxT, mask_BxT=chunk.mask_BxT,
       last_token_B=state.carry.last_token_B, rec_state=state.carry.rec_state,
-      match=seen.features, forecast=state.delta.pending if spec.forecasting else None,
+      match=seen.read.features, forecast=state.delta.pending if spec.forecasting else None,
       teacher_hidden_BxTxD=seen.teacher_hidden_BxTxD, anchor_logp_BxTxV=seen.anchor_logp_BxTxV,
       bits_per_token=bits_per_token, tick=state.step)
 
@@ -196,7 +188,7 @@ def delta_loss(spec: DeltaSpec, lm: LM, params, entry: dl.Observed, keep_BxK, ga
 
 
 def learned_state(spec: DeltaSpec, lm: LM, update, state: LearnerState, learned, params,
-                  opt_state, grads, rec_after, seen: Read, ring, entry: dl.Observed,
+                  opt_state, grads, rec_after, seen: Seen, ring, entry: dl.Observed,
                   learn_nll, replay_aux, key) -> LearnerState:
   """Phase 5, when every number was finite: the state after this tick."""
   d, cfg = state.delta, spec.delta
@@ -218,11 +210,12 @@ def learned_state(spec: DeltaSpec, lm: LM, update, state: LearnerState, learned,
     entropy_ref = jnp.where(learned & (entry.forecast.made_at >= 0),
                             0.99 * centre + 0.01 * entropy, d.entropy_ref)
     # The forecast of the next chunk, from where this one left the state.
-    pending = dl.rollout(lm, params, rec_after, seen.last_B, cfg.forecast_tokens, key,
+    pending = dl.rollout(lm, params, rec_after, seen.read.last_B, cfg.forecast_tokens, key,
                          cfg.temperature, state.step)
   return state.replace(
       params=params, opt_state=opt_state,
-      carry=Carry(jax.lax.stop_gradient(rec_after), seen.last_B, seen.match), step=state.step + 1,
+      carry=Carry(jax.lax.stop_gradient(rec_after), seen.read.last_B, seen.read.match),
+      step=state.step + 1,
       delta=d.replace(ring=ring, pending=pending, teacher=teacher, teacher_rec=seen.teacher_rec,
                       anchor_rec=seen.anchor_rec, entropy_ref=entropy_ref, replay=buffer))
 
@@ -258,7 +251,7 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
     params, opt_state, scored = state.params, state.opt_state, None               # 2. score
     if spec.forecasting:  # (lag 0: the learning pass below is the scoring pass)
       beside = dl.forecast_input(d.pending, chunk.tokens_BxT.shape[1]) if spec.channel else None
-      scored = score(lm, params, state.carry.rec_state, seen, chunk, beside, arrival)
+      scored = score(predictor, params, state.carry.rec_state, seen, chunk, beside, arrival)
     if arrival:  # the plain update, as the chunk is scored; the delta update goes on from it
       params, opt_state = update(scored.grads, params, opt_state)
       metrics["arrival_grad_norm"] = optax.tree.norm(scored.grads)
@@ -276,7 +269,7 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
       scored = Scored(learn_nll, learn_rec, None, jnp.isfinite(learn_nll))
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & scored.ok               # 5. commit
-    skipped = state.replace(carry=state.carry.replace(match=seen.match))
+    skipped = state.replace(carry=state.carry.replace(match=seen.read.match))
     new = jax.lax.cond(ok, lambda: learned_state(
         spec, lm, update, state, valid, params, opt_state, grads, scored.rec_after, seen, ring,
         entry, learn_nll, replay_aux, k_forecast), lambda: skipped)

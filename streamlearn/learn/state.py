@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import optax
 
 from streamlearn.config import Config, MatchConfig, OptimConfig
-from streamlearn.learn.chunk import Chunk, last_real_token, shift_in
+from streamlearn.learn.chunk import last_real_token, shift_in
 from streamlearn.learn.delta import DeltaSpec, DeltaState, delta_spec, init_delta
-from streamlearn.nn.match import MatchState, init_match, match_update
-from streamlearn.nn.model import LM
+from streamlearn.nn.match import (MatchFeatures, MatchState, init_match, match_update,
+                                  with_last_token)
+from streamlearn.nn.model import LM, ForecastInput
 
 
 @flax.struct.dataclass
@@ -82,6 +83,16 @@ def learning_rate(cfg: OptimConfig, step: jax.Array) -> jax.Array:
   return cfg.learning_rate * jnp.minimum(1.0, step / max(cfg.warmup_steps, 1))
 
 
+class Read(NamedTuple):
+  """A chunk as the model meets it: its inputs and match features, and what it leaves behind."""
+
+  inputs_BxT: jax.Array     # each token's predecessor: what the model reads
+  n_real_B: jax.Array       # int32: real tokens per row (the rest is padding)
+  features: MatchFeatures | None  # the match model's prediction of each token
+  match: MatchState | None  # the match model's state after the chunk
+  last_B: jax.Array         # the last real token: the next chunk's first input
+
+
 @dataclasses.dataclass(frozen=True)
 class Predictor:
   """The µLM plus the match model: how a stream's tokens become next-token logits.
@@ -99,20 +110,65 @@ class Predictor:
                  last_token_B=jnp.full((batch,), bos_id, jnp.int32),
                  match=init_match(self.match_cfg, batch) if self.match_cfg else None)
 
-  def advance(self, params, carry: Carry, tokens_BxT, n_real_B):
-    """(logits_BxTxV, carry after the first n_real_B tokens); logits[:, t] predicts tokens[:, t].
+  def read(self, carry: Carry, tokens_BxT, n_real_B) -> Read:
+    """What the model reads to predict a chunk, and what the chunk leaves for the next one.
 
-    Tokens from n_real_B on are padding: no state moves past them. With
-    n_real_B = 0, the logits at t = 0 are the prediction for the next token.
+    Tokens from n_real_B on are padding: the match model records none of them.
     """
-    inputs_BxT = shift_in(carry.last_token_B, tokens_BxT)
-    features, match = None, None
+    features = match = None
     if self.match_cfg:
       features, match = match_update(self.match_cfg, carry.match, tokens_BxT, n_real_B)
-    logits_BxTxV, rec_state = self.lm.apply(params, inputs_BxT, carry.rec_state, n_real_B,
-                                            features)
-    last_B = last_real_token(tokens_BxT, n_real_B, carry.last_token_B)
-    return logits_BxTxV, Carry(rec_state, last_B, match)
+    return Read(shift_in(carry.last_token_B, tokens_BxT), n_real_B, features, match,
+                last_real_token(tokens_BxT, n_real_B, carry.last_token_B))
+
+  def logits(self, params, rec_state, seen: Read, forecast: ForecastInput | None = None):
+    """(logits_BxTxV, recurrent state after the real tokens); logits[:, t] predicts token t."""
+    return self.lm.apply(params, seen.inputs_BxT, rec_state, seen.n_real_B, seen.features,
+                         forecast)
+
+  def advance(self, params, carry: Carry, tokens_BxT, n_real_B,
+              forecast: ForecastInput | None = None):
+    """(logits_BxTxV, carry after the first n_real_B tokens); logits[:, t] predicts tokens[:, t].
+
+    Tokens from n_real_B on are padding: no state moves past them, and the
+    logits there mean nothing (for the next token's prediction: `next_logits`).
+    The logits at t < n_real_B depend only on the carry and tokens[:, :t].
+    `forecast` is the delta learner's second input stream, where the step reads one.
+    """
+    seen = self.read(carry, tokens_BxT, n_real_B)
+    logits_BxTxV, rec_state = self.logits(params, carry.rec_state, seen, forecast)
+    return logits_BxTxV, Carry(rec_state, seen.last_B, seen.match)
+
+  def next_logits(self, params, carry: Carry,
+                  forecast: ForecastInput | None = None) -> jax.Array:
+    """Logits [B, V] for the token after everything `carry` has read; the carry does not move.
+
+    Exactly what the step would score that token with: `advance` over a
+    one-token chunk whose token is real. Its logits at t = 0 cannot depend on
+    that token (the model reads carry.last_token_B there, the match model the
+    tokens before it), so a placeholder stands in for the unknown token, and the
+    carry that took it in is dropped. `forecast`: [B, 1] for that position.
+    """
+    return self.read_next(params, carry, forecast)[0]
+
+  def read_next(self, params, carry: Carry,
+                forecast: ForecastInput | None = None) -> tuple[jax.Array, Carry]:
+    """(`next_logits`, the carry once the next token is read, that token still unknown).
+
+    The model's state after the next token does not depend on it (the model
+    reads a token only when predicting the one after), so one pass serves
+    both; `with_next` puts the token in once it is chosen.
+    """
+    B = carry.last_token_B.shape[0]
+    logits_Bx1xV, after = self.advance(params, carry, jnp.zeros((B, 1), jnp.int32),
+                                       jnp.ones((B,), jnp.int32), forecast)
+    return logits_Bx1xV[:, 0], after
+
+  def with_next(self, after: Carry, token_B) -> Carry:
+    """The carry from `read_next` with its placeholder replaced by the token that came:
+    exactly `advance` over that one token (tested)."""
+    match = None if after.match is None else with_last_token(after.match, token_B)
+    return after.replace(last_token_B=token_B, match=match)
 
 
 def make_predictor(config: Config, vocab_size: int) -> Predictor:

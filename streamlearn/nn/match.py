@@ -169,3 +169,16 @@ def reference_features(cfg: MatchConfig, stream: np.ndarray) -> tuple[np.ndarray
         k += 1
       token[p, o], length[p, o] = stream[q], k
   return token, length
+
+
+def with_last_token(state: MatchState, token_B: jax.Array) -> MatchState:
+  """The state after a one-token chunk, as if that token had been `token_B`.
+
+  Only the history holds a chunk's own tokens: the tables record where each
+  context (the tokens *before* a position) occurred, so they are the same
+  whatever the last token was. Generation reads the next prediction with a
+  placeholder token, then puts in the one it sampled.
+  """
+  B, H = state.history_BxH.shape
+  slot_B = (state.pos_B - 1) % H
+  return state.replace(history_BxH=state.history_BxH.at[jnp.arange(B), slot_B].set(token_B))
