@@ -19,6 +19,18 @@ SAFE = ["--config", TINY, "--set", "checkpoint.every_chunks=10",
         "--set", "safety.median_chunks=20"]
 
 
+# The delta learner with every part on, small: one config for the tests that compile it,
+# so they share one compiled step (in a process, and through the compilation cache).
+DELTA_T, DELTA_K, DELTA_LAG = 16, 8, 2
+FULL_DELTA = [f"data.chunk_tokens={DELTA_T}", "optim.warmup_steps=1", f"delta.lag={DELTA_LAG}",
+              f"delta.forecast_tokens={DELTA_K}", "delta.consistency=0.1", "delta.kl=0.01",
+              "delta.residual=0.1", "delta.gate=true", "replay.capacity=8", "replay.tokens=8",
+              "replay.batch=2"]
+# ...and its network without the parts that change it, learning on arrival.
+ARRIVAL_DELTA = FULL_DELTA + ["delta.forecast_channel=false", "delta.residual=0",
+                              "delta.arrival=true"]
+
+
 def load_script(name):
   spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)

@@ -19,12 +19,11 @@ from streamlearn.learn.chunk import Chunk
 from streamlearn.learn.state import init_learner
 from streamlearn.nn.model import LM
 
+from safety_runs import DELTA_K, DELTA_LAG, DELTA_T, FULL_DELTA
+
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")
-VOCAB, BOS, T, K, LAG = 259, 256, 16, 8, 2
-FULL = [f"data.chunk_tokens={T}", "optim.warmup_steps=1", f"delta.lag={LAG}",
-        f"delta.forecast_tokens={K}", "delta.consistency=0.1", "delta.kl=0.01",
-        "delta.residual=0.1", "delta.gate=true", "replay.capacity=8", "replay.tokens=8",
-        "replay.batch=2"]
+VOCAB, BOS, T, K, LAG = 259, 256, DELTA_T, DELTA_K, DELTA_LAG
+FULL = FULL_DELTA
 
 
 def config(*overrides):

@@ -16,22 +16,23 @@ from streamlearn.learn import sample as sample_lib
 from streamlearn.learn.chunk import Chunk
 from streamlearn.store.artifact import pack
 
+from safety_runs import ARRIVAL_DELTA, FULL_DELTA
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.toml")
 SENTENCE = "The quick brown fox jumps over the lazy dog. "
-DELTA = ["delta.lag=2", "delta.forecast_tokens=16", "delta.consistency=0.1", "delta.kl=0.01",
-         "delta.gate=true", "replay.capacity=4", "replay.tokens=16"]
 
 # Each kind of learner the sampler must follow: the byte model with and without the match
-# model, a BPE vocabulary, the delta learner reading its forecast beside the chunk (with
-# and without learning on arrival), and the delta learner with no forecast (lag 0).
+# model, a BPE vocabulary, the delta learner reading its forecast beside the chunk, learning
+# on arrival, and with no forecast (lag 0). (The delta configs are test_delta.py's: shared
+# compilations.)
 CONFIGS = {
     "bytes": [],
     "no-match": ["match.enabled=false"],
     "bpe": ["tokenizer.kind=bpe", "tokenizer.vocab_size=300"],
-    "delta": DELTA,
-    "delta-arrival": DELTA + ["delta.arrival=true"],
-    "delta-lag0": ["delta.consistency=0.1", "replay.capacity=4", "replay.tokens=16"],
+    "delta": FULL_DELTA,
+    "delta-arrival": ARRIVAL_DELTA,
+    "delta-lag0": FULL_DELTA + ["delta.lag=0", "delta.gate=false", "delta.residual=0"],
 }
 
 
