@@ -54,6 +54,9 @@ class KernelConfig:
     block_t: time steps unrolled per loop iteration.
     num_warps: Triton warps per program (GPU only; None lets Triton choose).
     interpret: run under the Pallas interpreter instead of compiling.
+    wide_stores: under the interpreter, store outputs at accumulator width and
+      narrow once afterwards (fast on XLA:CPU); False stores them as the GPU
+      does, which the tests use to run the GPU tiling on a CPU.
   """
 
   block_b: int
@@ -61,6 +64,7 @@ class KernelConfig:
   block_t: int
   num_warps: int | None = None
   interpret: bool = False
+  wide_stores: bool = True
 
 
 def _next_pow2(n: int) -> int:
@@ -187,7 +191,7 @@ def _launch(kernel, inputs, out_dtypes, *, name: str, config: KernelConfig | Non
   # Under the interpreter a narrow (bf16) store defeats XLA:CPU's in-place
   # update of the loop buffer (~300x slower, measured); store at accumulator
   # width there and narrow once afterwards.
-  store_dtypes = [(_acc_dtype(dt) if config.interpret else dt, ndim)
+  store_dtypes = [(_acc_dtype(dt) if config.interpret and config.wide_stores else dt, ndim)
                   for dt, ndim in out_dtypes]
   compiler_params = None
   if not config.interpret:

@@ -68,25 +68,25 @@ _TWICE = _PLAIN[1:] + ["delta.lag=1", "delta.arrival=true", "delta.forecast_chan
                        "delta.forecast_tokens=1"]
 
 
-def full_overrides() -> list[str]:
-  """configs/full.toml's [delta] and [replay], as overrides on any config."""
-  table = config_to_dict(load_config(_FULL_TOML))
+def full_overrides(full_toml: str | Path = _FULL_TOML) -> list[str]:
+  """A config file's [delta] and [replay] (configs/full.toml's), as overrides on any config."""
+  table = config_to_dict(load_config(full_toml))
   return [f"{section}.{key}={json.dumps(value)}" for section in ("delta", "replay")
           for key, value in table[section].items()]
 
 
-def ablation(name: str) -> list[str] | None:
+def ablation(name: str, full_toml: str | Path = _FULL_TOML) -> list[str] | None:
   """The overrides a named --configs entry adds (None: static, no learning)."""
   if name == "static":
     return None
   if name == "vanilla":
     return list(_PLAIN)
   if name == "full":
-    return full_overrides()
+    return full_overrides(full_toml)
   if name == "vanilla-twice":
     return list(_TWICE)
   if name.startswith("full-minus-") and name[len("full-minus-"):] in _MINUS:
-    return full_overrides() + _MINUS[name[len("full-minus-"):]]
+    return full_overrides(full_toml) + _MINUS[name[len("full-minus-"):]]
   raise ConfigError(f"--configs: unknown entry {name!r} (known: static, vanilla, "
                     "vanilla-twice, full, " + ", ".join(f"full-minus-{x}" for x in _MINUS) + ")")
 
@@ -175,7 +175,7 @@ def run_config(config_path: str | None, overrides: list[str] | None, spec: str |
 
 def forgetting(config_path: str | None, base_overrides: list[str], a_spec: str, b_spec: str,
                n: int, canary_bytes: int, names: list[str],
-               kl_on_b: tuple[float, ...] = ()) -> list[dict]:
+               kl_on_b: tuple[float, ...] = (), full_toml: str | Path = _FULL_TOML) -> list[dict]:
   """Canary bits/byte on held-out A after streaming A, and again after B, per config.
 
   With a KL guard, the anchor becomes the model as A left it, as a run resumed
@@ -185,7 +185,7 @@ def forgetting(config_path: str | None, base_overrides: list[str], a_spec: str, 
   """
   rows = []
   for name in names:
-    overrides = base_overrides + ablation(name)
+    overrides = base_overrides + ablation(name, full_toml)
     config = load_config(config_path, overrides)
     tokenizer = _tokenizer(config, a_spec)
     predictor, optimizer, step = build(config, tokenizer.vocab_size)
@@ -289,6 +289,8 @@ def main(argv=None) -> int:
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   parser.add_argument("--json", metavar="OUT", help="write the report as JSON")
   parser.add_argument("--configs", help="comma-separated: static, vanilla, full, full-minus-X")
+  parser.add_argument("--full", default=str(_FULL_TOML), metavar="TOML",
+                      help="whose [delta] and [replay] 'full' means (default: configs/full.toml)")
   parser.add_argument("--plot", metavar="PNG", help="running bits/byte against bytes, per config")
   parser.add_argument("--forgetting", nargs=2, metavar=("A", "B"),
                       help="stream A then B (vanilla, full); canary = held-out A")
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
   curve_every = max(1, args.bytes // 256 // 200)  # ~200 points per curve
   try:
     config = load_config(args.config, args.set)
-    ablations = {name: ablation(name) for name in names}
+    ablations = {name: ablation(name, args.full) for name in names}
     data = first_bytes(spec, args.bytes, config)
     if not data:
       raise SourceError(f"{args.data}: no bytes to stream")
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
     if args.forgetting:
       a, b = (None if x == "stdlib" else x for x in args.forgetting)
       rows = forgetting(args.config, args.set, a, b, args.forgetting_bytes, args.canary_bytes,
-                        ["vanilla", "full"], args.forgetting_kl)
+                        ["vanilla", "full"], args.forgetting_kl, args.full)
   except (ConfigError, SourceError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from streamlearn import Learner
+from streamlearn.config import config_to_dict, load_config
+
+from safety_runs import FULL_DELTA
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.toml")
@@ -35,17 +38,26 @@ def run_dir(finished_run):
 
 def test_learner_feeds_reads_and_generates(text_file):
   learner = Learner.from_config(TINY)
-  text = text_file.read_text()[:1000]
-  out = learner.feed(text)
+  data = text_file.read_bytes()
+  out = learner.feed(data[:1000])
   assert out["chunks"] == 1000 // 64 and out["bytes"] == 64 * out["chunks"]
   assert out["pending_tokens"] == 1000 % 64
+  # Fed text that is not learned yet (pending) counts for the prediction exactly as text
+  # given to next_token_probs does.
+  with_text = learner.next_token_probs(data[1000:1010])
+  learner.feed(data[1000:1010])
+  np.testing.assert_allclose(learner.next_token_probs(), with_text, rtol=1e-6, atol=1e-7)
   probs = learner.next_token_probs()
   assert probs.shape == (259,) and abs(probs.sum() - 1) < 1e-5 and np.all(probs >= 0)
-  # Pending (not yet learned) text still moves the prediction.
-  learner.feed("x")
-  assert not np.allclose(learner.next_token_probs(), probs)
+  # What it predicts is what the step scores: the next chunk's bits, token by token from
+  # next_token_probs, equal the bits feed() reports for that chunk.
+  learner = Learner.from_config(TINY)
+  learner.feed(data[:960])                              # 15 whole chunks, nothing pending
+  chunk = data[960:1024]
+  bits = -sum(np.log2(learner.next_token_probs(chunk[:t])[chunk[t]]) for t in range(64))
+  fed = learner.feed(chunk)
+  assert fed["chunks"] == 1 and fed["bits_per_byte"] * 64 == pytest.approx(bits, rel=1e-5)
   sample = learner.generate("def ", max_tokens=20, seed=1)
-  assert isinstance(sample, str) and len(sample.encode("utf-8", "replace")) >= 1
   assert learner.generate("def ", max_tokens=20, seed=1) == sample  # reads, never learns
 
 
@@ -64,6 +76,17 @@ def test_evaluate_scores_frozen_and_adaptive(run_dir, text_file, capsys):
                         "--sample-tokens", "10"]) == 0
   out = capsys.readouterr().out
   assert out.count("| 1,280 |") == 2 and "sample 1" in out
+  # The numbers: adaptive is the version's learner fed the same bytes; frozen is the same
+  # with every update scaled to nothing (the step's own scores, parameters fixed).
+  from streamlearn.cli.evaluate import evaluate as evaluate_one
+  row = evaluate_one(f"{run_dir}@20", str(text_file), 1280, None, 0, 0)
+  data = text_file.read_bytes()[:1280]
+  adaptive = Learner.load(run_dir, 20).feed(data)["bits_per_byte"]
+  assert row["adaptive_bpb"] == pytest.approx(adaptive, rel=1e-6)
+  frozen = Learner.load(run_dir, 20)
+  frozen.state = frozen.state.replace(lr_scale=frozen.state.lr_scale * 0)
+  assert row["frozen_bpb"] == pytest.approx(frozen.feed(data)["bits_per_byte"], rel=1e-5)
+  assert row["frozen_bpb"] != pytest.approx(adaptive, rel=1e-3)
 
 
 @pytest.mark.e2e
@@ -81,9 +104,17 @@ def test_benchmark_reports_the_schema(tmp_path, text_file, capsys):
 
 
 @pytest.mark.e2e
-def test_benchmark_forgetting_check_with_a_stronger_guard_on_b(text_file, capsys):
+def test_benchmark_forgetting_check_with_a_stronger_guard_on_b(text_file, tmp_path, capsys):
   benchmark = load_script("benchmark")
+  # 'full' from a file: the tests' small delta learner (one compiled step for all of them).
+  sets = FULL_DELTA[:2]  # chunk length, warm-up
+  table = config_to_dict(load_config(TINY, FULL_DELTA))
+  full = tmp_path / "full.toml"
+  full.write_text("\n".join(f"[{section}]\n" + "\n".join(
+      f"{key} = {json.dumps(value)}" for key, value in table[section].items())
+      for section in ("delta", "replay")) + "\n")
   assert benchmark.main(["--data", str(text_file), "--bytes", "300", "--config", TINY,
+                         *[x for o in sets for x in ("--set", o)], "--full", str(full),
                          "--forgetting", str(text_file), "stdlib", "--forgetting-bytes", "600",
                          "--canary-bytes", "300", "--forgetting-kl", "1"]) == 0
   rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()

@@ -68,6 +68,25 @@ def test_the_learner_pairs_each_chunk_with_the_forecast_made_lag_ticks_before(fu
     assert int(metrics["forecast_made_at"]) == t - 1           # the chunk just scored: last tick's
 
 
+def test_each_chunk_is_scored_before_any_update_that_saw_it(full, rng):
+  # Prequential, as the plain learner is: changing chunk k changes no score before it.
+  step = full[2]
+
+  def scores(chunks):
+    state, bits = fresh(full), []
+    for tokens in chunks:
+      state, metrics = step(state, chunk_of(tokens))
+      bits.append(float(metrics["bits"]))
+    return bits
+
+  chunks = [rng.integers(0, 256, T) for _ in range(6)]
+  bits = scores(chunks)
+  changed = list(chunks)
+  changed[3] = rng.integers(0, 256, T)
+  again = scores(changed)
+  assert again[:3] == bits[:3] and again[3] != bits[3]
+
+
 def test_a_forecast_never_sees_the_chunk_it_forecasts(full, rng):
   step = full[2]
   prefix = [rng.integers(0, 256, T) for _ in range(3)]

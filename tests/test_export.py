@@ -3,6 +3,7 @@
 import pickle
 
 import jax
+import jax.numpy as jnp
 import msgpack
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def test_export_round_trip_is_small_and_close(exported):
 
 @pytest.mark.e2e
 def test_loader_generates_without_pickle(exported, monkeypatch, capsys):
-  _, out, _ = exported
+  run_dir, out, _ = exported
 
   def no_pickle(*args, **kwargs):
     raise AssertionError("pickle used while loading")
@@ -78,11 +79,23 @@ def test_loader_generates_without_pickle(exported, monkeypatch, capsys):
   for name in ("load", "loads", "Unpickler"):
     monkeypatch.setattr(pickle, name, no_pickle)
   learner = load_artifact(out)
-  sample = learner.generate("def ", max_tokens=30, temperature=0.8, seed=0)
-  assert isinstance(sample, str) and sample == learner.generate("def ", max_tokens=30,
-                                                                temperature=0.8, seed=0)
-  assert export_main([str(out), "--prompt", "def ", "--tokens", "20"]) == 0
-  assert capsys.readouterr().out.startswith("def ")
+  # Its parameters are the artifact's int8 values, dequantized, and nothing else: a fresh
+  # learner of the run's config holding them predicts exactly alike, and close to the
+  # version's float parameters.
+  same = Learner.from_config(learner.config)
+  same.state = same.state.replace(params=jax.tree.map(jnp.asarray, read_artifact(out)["params"]))
+  version = Learner.load(run_dir)
+  version.state = same.state.replace(params=version.state.params)  # the same fresh stream
+  for prompt in (b"def ", b"import json\n"):
+    np.testing.assert_array_equal(learner.next_token_probs(prompt), same.next_token_probs(prompt))
+    np.testing.assert_allclose(learner.next_token_probs(prompt),
+                               version.next_token_probs(prompt), atol=0.05)
+  sample = learner.generate("def ", max_tokens=30, temperature=0, seed=0)
+  assert sample == same.generate("def ", max_tokens=30, temperature=0, seed=0)
+  # The command prints the prompt and exactly the API's continuation.
+  assert export_main([str(out), "--prompt", "def ", "--tokens", "20", "--seed", "3"]) == 0
+  assert capsys.readouterr().out == "def " + learner.generate(
+      "def ", max_tokens=20, temperature=0.8, seed=3) + "\n"
 
 
 @pytest.mark.parametrize("content,message", [

@@ -23,16 +23,15 @@ TINY = str(ROOT / "configs" / "tiny.toml")
 SENTENCE = "The quick brown fox jumps over the lazy dog. "
 
 # Each kind of learner the sampler must follow: the byte model with and without the match
-# model, a BPE vocabulary, the delta learner reading its forecast beside the chunk, learning
-# on arrival, and with no forecast (lag 0). (The delta configs are test_delta.py's: shared
-# compilations.)
+# model, a BPE vocabulary, the delta learner reading its forecast beside the chunk, and
+# learning on arrival. (The delta configs are test_delta.py's: shared compilations. With
+# lag 0 the delta learner reads no forecast: the plain path, as "bytes".)
 CONFIGS = {
     "bytes": [],
     "no-match": ["match.enabled=false"],
     "bpe": ["tokenizer.kind=bpe", "tokenizer.vocab_size=300"],
     "delta": FULL_DELTA,
     "delta-arrival": ARRIVAL_DELTA,
-    "delta-lag0": FULL_DELTA + ["delta.lag=0", "delta.gate=false", "delta.residual=0"],
 }
 
 

@@ -9,12 +9,18 @@ from streamlearn.config import PRESETS
 from streamlearn.nn.model import LM, MicroLM, count_params
 
 VOCAB = 259
+B, T = 2, 50  # one token shape for every test: the full-length call compiles once
 
 
 @pytest.fixture(scope="module")
 def nano():
   lm = LM(PRESETS["nano"], VOCAB)
   return lm, jax.jit(lm.init)(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def apply(nano):
+  return jax.jit(nano[0].apply)  # shared: each shape compiles once per module
 
 
 def test_presets_span_0p1m_to_30m_parameters():
@@ -25,25 +31,24 @@ def test_presets_span_0p1m_to_30m_parameters():
   assert list(counts.values()) == sorted(counts.values())
 
 
-def test_shapes_and_state(nano):
+def test_shapes_and_state(nano, apply):
   lm, params = nano
-  tokens = jnp.zeros((3, 17), jnp.int32)
-  logits, state = jax.jit(lm.apply)(params, tokens, lm.init_state(3))
-  assert logits.shape == (3, 17, VOCAB) and logits.dtype == jnp.float32
+  tokens = jnp.zeros((B, T), jnp.int32)
+  logits, state = apply(params, tokens, lm.init_state(B))
+  assert logits.shape == (B, T, VOCAB) and logits.dtype == jnp.float32
   cfg = lm.cfg
   assert len(state) == cfg.n_layers
   for layer in state:
-    assert layer.h_BxW.shape == (3, cfg.lru_width) and layer.h_BxW.dtype == jnp.float32
-    assert layer.conv_BxKm1xW.shape == (3, cfg.conv_width - 1, cfg.lru_width)
+    assert layer.h_BxW.shape == (B, cfg.lru_width) and layer.h_BxW.dtype == jnp.float32
+    assert layer.conv_BxKm1xW.shape == (B, cfg.conv_width - 1, cfg.lru_width)
 
 
-def test_chunks_with_carried_state_equal_one_call(nano, rng):
+def test_chunks_with_carried_state_equal_one_call(nano, apply, rng):
   lm, params = nano
-  tokens = jnp.asarray(rng.integers(0, 256, (2, 48)), jnp.int32)
-  apply = jax.jit(lm.apply)
-  whole, whole_state = apply(params, tokens, lm.init_state(2))
-  state, pieces = lm.init_state(2), []
-  for lo in range(0, 48, 2):  # pieces shorter than the conv's reach: one shape, one compile
+  tokens = jnp.asarray(rng.integers(0, 256, (B, T)), jnp.int32)
+  whole, whole_state = apply(params, tokens, lm.init_state(B))
+  state, pieces = lm.init_state(B), []
+  for lo in range(0, T, 2):  # pieces shorter than the conv's reach: one shape, one compile
     logits, state = apply(params, tokens[:, lo:lo + 2], state)
     pieces.append(logits)
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), whole, rtol=1e-5, atol=1e-5)
@@ -67,16 +72,15 @@ def test_causality_by_gradient(nano, rng):
     assert np.any(jac_TxTxD[t, t] != 0.0)
 
 
-def test_padding_after_the_end_leaves_the_state_alone(nano, rng):
+def test_padding_after_the_end_leaves_the_state_alone(nano, apply, rng):
   lm, params = nano
-  tokens = jnp.asarray(rng.integers(0, 256, (2, 16)), jnp.int32)
-  n_real = jnp.asarray([5, 16], jnp.int32)
-  apply = jax.jit(lm.apply)
-  logits, state = apply(params, tokens, lm.init_state(2), n_real)
+  tokens = jnp.asarray(rng.integers(0, 256, (B, T)), jnp.int32)
+  n_real = jnp.asarray([5, T], jnp.int32)
+  logits, state = apply(params, tokens, lm.init_state(B), n_real)
   _, short_state = apply(params, tokens[:1, :5], lm.init_state(1))
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(short_state)):
     np.testing.assert_allclose(got[:1], want, rtol=1e-6, atol=1e-6)
-  full_logits, full_state = apply(params, tokens, lm.init_state(2))
+  full_logits, full_state = apply(params, tokens, lm.init_state(B))
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(full_state)):
     np.testing.assert_allclose(got[1:], want[1:], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(logits[0, :5], full_logits[0, :5], rtol=1e-5, atol=1e-5)

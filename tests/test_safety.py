@@ -12,18 +12,19 @@ import pytest
 from streamlearn import Learner
 from streamlearn.cli.run import main as run_main
 from streamlearn.cli.versions import main as versions_main
-from streamlearn.config import SafetyConfig, config_from_dict
+from streamlearn.config import SafetyConfig, config_from_dict, load_config
 from streamlearn.data.stream import HostChunk
 from streamlearn.learn.build import build
 from streamlearn.learn.prequential import device_chunk
 from streamlearn.learn.state import init_learner
-from streamlearn.run.safety import Guard, SpikeDetector, rollback_candidates
 from streamlearn.run.loop import run
+from streamlearn.run.safety import Guard, SpikeDetector, rollback_candidates
 from streamlearn.run.session import open_session
 from streamlearn.store.checkpoint import Checkpointer
 from streamlearn.store.registry import REGISTRY_FILE
 
-from safety_runs import SAFE, assert_same_state, final, load_script, stdlib_text
+from safety_runs import (FULL_DELTA, SAFE, TINY, assert_same_state, final, load_script,
+                         stdlib_text)
 
 
 def registry(run_dir):
@@ -72,23 +73,27 @@ def test_rollback_candidates_skip_discarded_but_always_keep_the_base():
 
 # --- the step's guard ------------------------------------------------------------------------
 
-def test_nan_update_is_skipped_and_counted():
-  config = config_from_dict({"model": {"preset": "nano"}, "data": {"chunk_tokens": 16}})
+@pytest.mark.parametrize("learner", ["plain", "delta"])
+def test_nan_update_is_skipped_and_counted(learner):
+  # The tests' small configs (their steps are compiled for other tests too).
+  config = load_config(TINY, FULL_DELTA if learner == "delta" else FULL_DELTA[:2])
   predictor, optimizer, step = build(config, 259)
+  assert (predictor.delta is None) == (learner == "plain")
   state = init_learner(predictor, optimizer, seed=0, bos_id=256)
+  chunk = device_chunk(HostChunk(np.arange(16, dtype=np.int32), 16, 16, {}))
+  state, _ = step(state, chunk)  # (the delta learner: a forecast to learn beside, made)
   poisoned = state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan),
                                                state.params))
   before = jax.device_get(poisoned)
-  chunk = device_chunk(HostChunk(np.arange(16, dtype=np.int32), 16, 16, {}))
   after, metrics = step(jax.tree.map(jnp.copy, poisoned), chunk)
   assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["bits"]))
-  # NaN == NaN here: nothing the network holds moved at all; the match model's
-  # history (tokens only) did take the chunk in.
+  # NaN == NaN here: nothing the network holds moved at all (nor the delta learner's ring,
+  # forecast, teacher or replay); the match model's history (tokens only) took the chunk in.
   without_match = lambda s: s.replace(carry=s.carry.replace(match=None))
   assert_same_state(without_match(jax.device_get(after)), without_match(before))
-  assert int(after.carry.match.pos_B[0]) == 16
+  assert int(after.carry.match.pos_B[0]) == 32
   good, metrics = step(state, chunk)
-  assert float(metrics["skipped"]) == 0.0 and int(good.step) == 1
+  assert float(metrics["skipped"]) == 0.0 and int(good.step) == 2
 
 
 # --- rollbacks in a run ----------------------------------------------------------------------

@@ -94,13 +94,15 @@ def test_member_zero_is_the_plain_learner_and_the_vmapped_step_is_n_steps(rng):
     close(member_state(swarm, i), singles[i], rtol=2e-4, atol=2e-6)
 
 
-def test_replacement_copies_exactly_and_perturbs_within_bounds(rng):
-  config = swarm_config("swarm.fresh_prob=0.3")
+def test_replacement_copies_exactly_and_perturbs_by_the_factors(rng):
+  # No resampling here (a host test below covers it): each copy's value is its parent's
+  # times exactly one of swarm.perturb.
+  config = swarm_config("swarm.fresh_prob=0.3", "swarm.resample_prob=0")
   swarm = Swarm(config, VOCAB, BOS)
   state = initial_state(config, VOCAB, BOS)
   state, _ = swarm.fns.step(state, random_chunk(rng))
   pop = swarm.population
-  seen = {"copy": 0, "fresh": 0}
+  seen, factors = {"copy": 0, "fresh": 0}, set()
   for event in range(1, 7):
     # Made-up scores with a known order, so the test knows who must go and who may be copied.
     order_N = rng.permutation(4)
@@ -126,15 +128,32 @@ def test_replacement_copies_exactly_and_perturbs_within_bounds(rng):
         assert src == best and entry["parent"] == old_slots[src]
         assert_same_state(got.replace(rng=None, hp=None),
                           member_state(before, src).replace(rng=None, hp=None))
-        ratio = entry["hp"]["lr"] / old_hp["lr"][src]
-        resampled = 0.5 - 1e-6 <= entry["hp"]["lr"] <= 2.0 + 1e-6  # initial range, spread 2
-        assert any(abs(ratio - f) < 1e-5 for f in (0.8, 1.2)) or resampled
+        ratio = entry["hp"]["lr"] / pop.members[entry["parent"]]["hp"]["lr"]
+        factor = min((0.8, 1.2), key=lambda f: abs(ratio - f))
+        assert abs(ratio - factor) < 1e-12, ratio
+        factors.add(factor)
+        np.testing.assert_allclose(entry["hp"]["lr"], old_hp["lr"][src] * factor, rtol=1e-6)
       else:  # fresh: exactly a new learner from the base with the member's seed
         # (fns.init is init_learner itself, jitted: the first test holds it to that)
         new = swarm.fns.init(np.int32(entry["seed"]))
         assert_same_state(got.replace(hp=None), jax.device_get(new).replace(hp=None))
       assert got.hp["lr"] == np.float32(entry["hp"]["lr"])
-  assert seen["copy"] and seen["fresh"]
+  assert seen["copy"] and seen["fresh"] and factors == {0.8, 1.2}  # (PBT's draws are seeded)
+
+
+def test_a_resampled_copy_draws_from_the_initial_range():
+  # resample_prob 1: every hyperparameter of a copy is drawn afresh, log-uniform in
+  # centre x [1/spread, spread] (for a *_decay, its distance to 1), never parent x factor.
+  cfg = SwarmConfig(size=4, grace_bytes=0, fresh_prob=0.0, resample_prob=1.0, init_spread=2.0)
+  pop = Population(cfg, seed=5, centre_hp={"lr": 1.0, "ema_decay": 0.99})
+  for event in range(1, 40):
+    pop.bits_WxN = np.tile(100.0 + np.arange(4), (4, 1))
+    pop.bytes_WxN = np.full((4, 4), 100.0)
+    plan = pop.plan(1000 * event, event)
+    child = pop.members[pop.slots[int(np.flatnonzero(plan.copied_N)[0])]]
+    parent = pop.members[child["parent"]]
+    assert 0.5 <= child["hp"]["lr"] <= 2.0 and 0.005 <= 1 - child["hp"]["ema_decay"] <= 0.02
+    assert all(abs(child["hp"]["lr"] / parent["hp"]["lr"] - f) > 1e-9 for f in (0.8, 1.2))
 
 
 def test_lineage_stays_consistent_over_many_replacements(rng):

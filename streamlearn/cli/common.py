@@ -36,12 +36,16 @@ def error(message: str) -> int:
 
 
 def execute(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-  """Runs a subcommand; output cut short by its reader (`| head`) ends it quietly."""
+  """Runs a subcommand; output cut short by its reader (`| head`) ends it quietly, and so does
+  Ctrl-C before the command has its own handling in place (a run's loop saves and stops)."""
   log_to_stderr()
   try:
     code = command(args)
     sys.stdout.flush()
     return code
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
   except BrokenPipeError:
     # Python would complain again when it flushes stdout on the way out.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from streamlearn.config import Config, DeltaConfig
+from streamlearn.config import Config, DeltaConfig, ReplayConfig
+from streamlearn.learn.delta import delta_spec
 from streamlearn.learn.delta_step import make_delta_step
 from streamlearn.learn.state import make_optimizer, make_predictor
 from streamlearn.learn.step import make_plain_step
@@ -22,10 +23,13 @@ def build(config: Config, vocab_size: int):
 
 
 def step_shaping(config: Config) -> Config:
-  """The config with only what shapes the compiled step kept; the rest at its defaults."""
+  """The config with only what shapes the compiled step kept; the rest at its defaults
+  (the delta learner's settings too, when every part of it is off)."""
+  delta, replay = dataclasses.replace(config.delta, anchor=DeltaConfig.anchor), config.replay
+  if delta_spec(config.delta, config.replay, config.data.chunk_tokens) is None:
+    delta, replay = DeltaConfig(), ReplayConfig()
   return Config(model=config.model, match=config.match, tokenizer=config.tokenizer,
-                data=config.data, optim=config.optim, replay=config.replay,
-                delta=dataclasses.replace(config.delta, anchor=DeltaConfig.anchor))
+                data=config.data, optim=config.optim, replay=replay, delta=delta)
 
 
 @functools.cache
