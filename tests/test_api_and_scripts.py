@@ -104,6 +104,7 @@ def test_benchmark_reports_the_schema(tmp_path, text_file, capsys):
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("delta")
 def test_benchmark_forgetting_check_with_a_stronger_guard_on_b(text_file, tmp_path, capsys):
   benchmark = load_script("benchmark")
   # 'full' from a file: the tests' small delta learner (one compiled step for all of them).

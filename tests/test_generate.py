@@ -46,7 +46,9 @@ def copy(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("kind", [
+    pytest.param(k, marks=pytest.mark.xdist_group("delta")) if k.startswith("delta") else k
+    for k in CONFIGS])
 def test_the_sampler_reads_the_logits_the_step_scores(kind, rng):
   text = words_text(rng, 1200)
   learner = Learner.from_config(TINY, CONFIGS[kind], warmup=text)
@@ -149,7 +151,7 @@ def test_sampling_draws_from_the_shaped_distribution():
   def expect(p):
     return np.asarray(p, np.float64) / np.sum(p)
 
-  def close(freq, p):  # 5 standard deviations of a binomial: no fair draw breaks it
+  def close(freq, p):  # 5 standard deviations of a binomial (the key is pinned anyway)
     assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12), (freq, p)
 
   base = np.array([0.5, 0.25, 0.15, 0.07, 0.03, 0.0])
@@ -168,7 +170,7 @@ def test_generation_options_and_stops(rng):
   learner.feed(words_text(rng, 700))
   a = learner.generate("ab", max_tokens=40, temperature=0.9, top_k=20, seed=3)
   assert a == learner.generate("ab", max_tokens=40, temperature=0.9, top_k=20, seed=3)
-  assert len(learner.tokenizer.encode(a.encode("utf-8", "replace"))) <= 40
+  assert len(a) <= 40  # a byte a token: at most one character each
   assert learner.generate("ab", max_tokens=0) == ""
   stopped = learner.generate("ab", max_tokens=40, temperature=0.9, top_k=20, seed=3,
                              stop=[a[5:8]])

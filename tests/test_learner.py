@@ -84,7 +84,10 @@ def test_score_first(tiny, rng):
   assert bits_changed[2] != bits[2]
 
 
-def test_a_tiny_repeated_stream_is_learned_by_the_network(rng):
+# Learning outcomes have thresholds, so their data is pinned (seeds chosen blind; the
+# margins measured over other seeds are in the comments): a fresh seed could fail them.
+def test_a_tiny_repeated_stream_is_learned_by_the_network():
+  rng = np.random.default_rng(101)
   # The match model off: the network alone must learn the loop, by its updates. (With the
   # match model on, the loop falls to ~0 bits after one period with no update at all.)
   pattern = rng.integers(0, 256, 40)
@@ -97,7 +100,8 @@ def test_a_tiny_repeated_stream_is_learned_by_the_network(rng):
   assert int(state.step) == len(chunks)
 
 
-def test_the_match_model_alone_predicts_a_loop_after_one_period(tiny, rng):
+def test_the_match_model_alone_predicts_a_loop_after_one_period(tiny):
+  rng = np.random.default_rng(102)
   # Frozen parameters (no update at all): only the match model's history moves, and from
   # the second period on it predicts the loop; without it nothing is learned.
   lm, optimizer, _ = tiny
@@ -131,7 +135,8 @@ def test_padding_is_neither_scored_nor_counted(tiny, rng):
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_the_match_model_predicts_a_far_repeat(rng, enabled):
+def test_the_match_model_predicts_a_far_repeat(enabled):
+  rng = np.random.default_rng(103)
   # 1,024 random tokens, then the same again: nothing a 0.1M-parameter
   # recurrence can memorise, but every token of the copy has a long match.
   predictor, optimizer, step = learner(enabled)

@@ -18,7 +18,8 @@ from streamlearn.learn.build import build
 from streamlearn.learn.prequential import device_chunk
 from streamlearn.learn.state import init_learner
 from streamlearn.run.loop import run
-from streamlearn.run.safety import Guard, SpikeDetector, rollback_candidates
+from streamlearn.run.safety import (Guard, SpikeDetector, lowered_lr_scale, rollback_candidates,
+                                    spike_confirmed)
 from streamlearn.run.session import open_session
 from streamlearn.store.checkpoint import Checkpointer
 from streamlearn.store.registry import REGISTRY_FILE
@@ -66,6 +67,22 @@ def test_guard_alarms_and_their_rollback_bound():
   assert restored.to_json() == guard.to_json() and restored.score() == guard.score()
 
 
+def test_the_decisions_at_their_thresholds():
+  # A spike: strictly above median x (1 + fraction). Confirmed: the version does better by
+  # more than half the fraction. The learning rate: x lr_factor a rollback, down to a floor.
+  cfg = SafetyConfig(spike_fraction=0.5, lr_factor=0.5, min_lr_scale=0.1)
+  detector = SpikeDetector(0.5, window=4)
+  for x in (2.0, 2.0, 2.0, 2.0):
+    detector.update(x)
+  assert detector.update(3.0) is None and detector.update(3.0001) == 2.0
+  assert not spike_confirmed(now_bpb=1.25, version_bpb=1.0, cfg=cfg)   # exactly x1.25
+  assert spike_confirmed(now_bpb=1.2501, version_bpb=1.0, cfg=cfg)
+  scales = [1.0]
+  for _ in range(5):
+    scales.append(lowered_lr_scale(scales[-1], cfg))
+  assert scales == [1.0, 0.5, 0.25, 0.125, 0.1, 0.1]
+
+
 def test_rollback_candidates_skip_discarded_but_always_keep_the_base():
   assert rollback_candidates([0, 10, 20, 30], before=25, discarded={20}) == [0, 10]
   assert rollback_candidates([0, 10], before=-1, discarded=set()) == [0]
@@ -73,7 +90,8 @@ def test_rollback_candidates_skip_discarded_but_always_keep_the_base():
 
 # --- the step's guard ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("learner", ["plain", "delta"])
+@pytest.mark.parametrize("learner", ["plain", pytest.param("delta",
+                                                           marks=pytest.mark.xdist_group("delta"))])
 def test_nan_update_is_skipped_and_counted(learner):
   # The tests' small configs (their steps are compiled for other tests too).
   config = load_config(TINY, FULL_DELTA if learner == "delta" else FULL_DELTA[:2])
@@ -196,6 +214,50 @@ def test_repeated_nan_updates_roll_back(tmp_path, text_file, caplog):
   assert record["totals"]["skipped"] == 4 and float(state.lr_scale) == 0.5
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
   assert "4 updates skipped" in caplog.text and "1 rollback" in caplog.text
+
+
+def resumed_on_new_data(finished_run, tmp_path, overrides=()):
+  """A copy of the finished run, resumed (in process) onto 20 chunks of other text."""
+  run_dir = copy_run(finished_run.run_dir, tmp_path / "run")
+  data = tmp_path / "more.txt"
+  data.write_bytes(stdlib_text(6000)[3000:4280])
+  config = config_from_dict(json.loads((run_dir / "config.json").read_text()), list(overrides))
+  session, progress = open_session(config, run_dir=str(run_dir), data=str(data), resume=True)
+  return run_dir, session, progress
+
+
+def poisoned(session):
+  """The session's step, fed parameters with a NaN every time: every update is skipped."""
+  real = session.step_fn
+  nan = lambda state: state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+  session.step_fn = lambda state, chunk: real(nan(state), chunk)
+
+
+@pytest.mark.e2e
+def test_repeated_rollbacks_lower_the_learning_rate_to_its_floor(finished_run, tmp_path,
+                                                                 caplog):
+  run_dir, session, progress = resumed_on_new_data(finished_run, tmp_path,
+                                                   ["safety.min_lr_scale=0.2"])
+  poisoned(session)
+  assert run(session, progress) == 0
+  events = [e for e in registry(run_dir)["events"] if e["kind"] == "rollback"]
+  # Three skips in a row roll back, each time: 20 chunks give 5 (the last at the end).
+  assert [e["lr_scale"] for e in events] == [0.5, 0.25, 0.2, 0.2, 0.2]
+  assert all(e["reason"] == "non-finite" for e in events)
+  assert final(run_dir)[0].lr_scale == np.float32(0.2)
+
+
+@pytest.mark.e2e
+def test_a_rollback_with_no_version_to_restore_stops_the_run_with_one_line(finished_run,
+                                                                          tmp_path, caplog):
+  run_dir, session, progress = resumed_on_new_data(finished_run, tmp_path)
+  for version in (run_dir / "versions").iterdir():  # every version damaged after the resume
+    corrupt_state(version)
+  poisoned(session)
+  assert run(session, progress) == 1
+  errors = [r.message for r in caplog.records if r.message.startswith("error:")]
+  assert len(errors) == 1 and "impossible" in errors[0] and "no readable version" in errors[0]
+  assert "Traceback" not in caplog.text
 
 
 # --- versions, registry, restore -------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_forward_and_backward_lower_to_triton_for_cuda(B, T, D, dtype):
 
 @pytest.mark.parametrize("B,T,D,dtype", [
     (2, 7, 130, jnp.float32),     # width padded to the 64-lane block: three programs a row
-    (3, 37, 256, jnp.bfloat16),   # time not a multiple of the tile; bf16 stores
+    (1, 19, 70, jnp.bfloat16),    # time not a multiple of the 16-step tile; bf16 stores
 ])
 def test_the_gpu_tiling_runs_interpreted_like_the_lax_reference(B, T, D, dtype):
   # The GPU's KernelConfig (grid over rows and 64-lane blocks, 16-step tiles, padding,

@@ -25,7 +25,9 @@ from streamlearn.swarm.swarm import Swarm, initial_state, member_state
 from swarm_runs import BOS, ROOT, TINY, VOCAB, random_chunk, swarm_config, trajectory
 from safety_runs import assert_same_state, stdlib_text
 
-pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+# One worker runs them all: the swarm functions compile once.
+pytestmark = [pytest.mark.filterwarnings("ignore:Some donated buffers were not usable"),
+              pytest.mark.xdist_group("swarm")]
 
 
 def close(a, b, **tol):
@@ -240,14 +242,14 @@ def two_processes(tmp_path_factory):
          "PYTHONPATH": str(ROOT)}
   errors = []
 
-  def run(*extra):
-    port = free_port()
+  def launch(extra, port):
     children = [subprocess.Popen(
         [sys.executable, "-m", "streamlearn.run", *CLI_SWARM, "--data", str(data),
          "--run-dir", str(where / "split"), "--coordinator", f"localhost:{port}",
          "--num-processes", "2", "--process-id", str(i), *extra],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
+    failed = []
     for i, child in enumerate(children):
       try:
         _, err = child.communicate(timeout=300)
@@ -256,7 +258,17 @@ def two_processes(tmp_path_factory):
           c.kill()
         err = "timed out"
       if child.returncode != 0:
-        errors.append(f"process {i} {' '.join(extra)}: {err[-2000:]}")
+        failed.append(f"process {i} {' '.join(extra)}: {err[-2000:]}")
+    return failed
+
+  def run(*extra):
+    # free_port() lets the port go before process 0 binds it: should another program take
+    # it meanwhile, the coordinator cannot bind, and the launch is tried again on another.
+    for _ in range(3):
+      failed = launch(extra, free_port())
+      if not any("already in use" in f.lower() for f in failed):
+        break
+    errors.extend(failed)
 
   thread = threading.Thread(target=run, args=("--max-bytes", "1280"))
   thread.start()

@@ -24,7 +24,8 @@ import numpy as np
 
 from streamlearn.learn.prequential import Totals, score_through
 from streamlearn.run.retune import retuned, same_source
-from streamlearn.run.safety import Alarm, Guard, lowered_lr_scale, rollback_candidates
+from streamlearn.run.safety import (Alarm, Guard, lowered_lr_scale, rollback_candidates,
+                                    spike_confirmed)
 from streamlearn.run.session import Progress, Session
 from streamlearn.store.checkpoint import Restored, VersionError, abstract_like
 from streamlearn.store.rundir import move_aside
@@ -106,7 +107,7 @@ def _confirmed(session: Session, progress: Progress, alarm: Alarm, got: Restored
   carry = session.predictor.init_carry(1, session.tokenizer.bos_id)
   now = score_through(session.score_fn, now_params, carry, alarm.window).bits_per_byte
   then = score_through(session.score_fn, then_params, carry, alarm.window).bits_per_byte
-  if then * (1.0 + session.config.safety.spike_fraction / 2) < now:
+  if spike_confirmed(now, then, session.config.safety):
     return True
   # Not printed (the status line counts them): it changed nothing.
   event = {"kind": "spike_ignored", "time": time.time(), "detail": alarm.detail,

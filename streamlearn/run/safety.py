@@ -132,6 +132,12 @@ class Guard:
                SpikeDetector(cfg.spike_fraction, cfg.median_chunks, saved.get("history", [])))
 
 
+def spike_confirmed(now_bpb: float, version_bpb: float, cfg: SafetyConfig) -> bool:
+  """Whether the version to restore predicts the alarm's chunks clearly better than the
+  current parameters: by half the spike fraction. Otherwise the data changed, not the model."""
+  return version_bpb * (1.0 + cfg.spike_fraction / 2) < now_bpb
+
+
 def lowered_lr_scale(current: float, cfg: SafetyConfig) -> float:
   """The learning-rate scale after one more rollback."""
   return max(current * cfg.lr_factor, cfg.min_lr_scale)
