@@ -1,6 +1,7 @@
 """The score-first learner step."""
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from streamlearn.learn.state import init_learner
 from streamlearn.learn.step import make_score
 
 VOCAB, BOS = 259, 256
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")
 T = 32  # tokens per chunk
 
 
@@ -21,16 +23,14 @@ T = 32  # tokens per chunk
 def learner(match_enabled: bool = True):
   """(predictor, optimizer, step), built once per module: every test shares one compiled step.
 
-  The match model is configs/tiny.toml's (orders [3, 8], 2^12 tokens of history)
+  configs/tiny.toml's learner (its match model: orders [3, 8], 2^12 tokens of history)
   with 2^14 table slots instead of 2^10: the far-repeat test records ~2,000
   contexts per order, and in 2^10 slots collisions overwrite most of them before
   the copy looks them up (measured: the copy then scores ~4 bits/token, not ~0.2).
   The default match model (ten orders, 2^18-slot tables, ~14 MB a state) only
   made every test here slower.
   """
-  config = load_config(None, ["model.preset=nano", f"data.chunk_tokens={T}",
-                              "optim.learning_rate=3e-3", "optim.warmup_steps=1",
-                              "match.orders=[3, 8]", "match.history_log2=12",
+  config = load_config(TINY, [f"data.chunk_tokens={T}", "optim.warmup_steps=1",
                               "match.table_log2=14", f"match.enabled={str(match_enabled).lower()}"])
   return build(config, VOCAB)
 

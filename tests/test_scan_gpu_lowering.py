@@ -40,13 +40,11 @@ def test_forward_and_backward_lower_to_triton_for_cuda(B, T, D, dtype):
   assert lowered.as_text().count(TRITON_CALL) == 2
 
 
-@pytest.mark.parametrize("B,T,D,dtype", [
-    (2, 7, 130, jnp.float32),     # width padded to the 64-lane block: three programs a row
-    (1, 19, 70, jnp.bfloat16),    # time not a multiple of the 16-step tile; bf16 stores
-])
-def test_the_gpu_tiling_runs_interpreted_like_the_lax_reference(B, T, D, dtype):
-  # The GPU's KernelConfig (grid over rows and 64-lane blocks, 16-step tiles, padding,
-  # narrow stores) run by the Pallas interpreter on this CPU, values and gradients.
+def test_the_gpu_tiling_runs_interpreted_like_the_lax_reference():
+  # The GPU's KernelConfig run by the Pallas interpreter on this CPU, values and gradients:
+  # a grid over rows and 64-lane blocks (130 lanes padded to 192), 16-step tiles with a
+  # remainder (19 steps), narrow bf16 stores.
+  B, T, D, dtype = 2, 19, 130, jnp.bfloat16
   config = dataclasses.replace(default_config(B, D, backend="gpu"), interpret=True,
                                wide_stores=False)
   assert config.block_d == 64 and config.block_b == 1
@@ -56,7 +54,7 @@ def test_the_gpu_tiling_runs_interpreted_like_the_lax_reference(B, T, D, dtype):
   h0 = jax.random.normal(keys[2], (B, D), jnp.float32)
   g_all = jax.random.normal(keys[3], (B, T, D)).astype(dtype)
   g_last = jax.random.normal(keys[4], (B, D), jnp.float32)
-  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  tol = 2e-2  # bf16 outputs
   for reverse in (False, True):
     def vjp(scan):
       out, pullback = jax.vjp(functools.partial(scan, reverse=reverse), a, b, h0)
