@@ -86,6 +86,7 @@ class CheckpointConfig:
   max_to_keep: int = 3        # newest versions kept
   keep_period: int = 10_000   # long-term: also keep one version per this many chunks (0: none)
   keep_best: int = 1          # also keep this many versions with the best score (0: none)
+  max_failed_saves: int = 3   # after this many failed saves in a row (a full disk) the run stops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +201,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "optim.eps": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE, "optim.grad_clip": _POSITIVE,
     "checkpoint.every_chunks": _POSITIVE, "checkpoint.max_to_keep": _POSITIVE,
     "checkpoint.keep_period": _NON_NEGATIVE, "checkpoint.keep_best": _NON_NEGATIVE,
+    "checkpoint.max_failed_saves": _POSITIVE,
     "log.tensorboard_every": _POSITIVE, "log.progress_seconds": _POSITIVE,
     "safety.max_skips": _POSITIVE, "safety.spike_fraction": _NON_NEGATIVE,
     "safety.signal_chunks": _POSITIVE, "safety.median_chunks": _POSITIVE,

@@ -4,6 +4,8 @@
 disk, renames it over the target and flushes the directory: a reader finds the
 old file or the new one, never a part of either. On an error the temporary file
 is removed and the OSError goes on to the caller, who turns it into one line.
+`append_whole` does the same for a file that grows (TensorBoard's events): all of
+the new records, or none of them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
   _sync_directory(path.parent)
 
 
+def append_whole(path: str | os.PathLike, data: bytes) -> None:
+  """Appends `data` to `path` whole: on an error the file is cut back to its old end."""
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    end = os.lseek(fd, 0, os.SEEK_END)
+    try:
+      view = memoryview(data)
+      while view:
+        view = view[os.write(fd, view):]
+    except BaseException:
+      os.ftruncate(fd, end)
+      raise
+  finally:
+    os.close(fd)
+
+
 def _sync_directory(directory: Path) -> None:
   """Flushes a directory's entries (the rename) to the disk, where the OS allows it."""
   try:
@@ -48,11 +66,13 @@ def _sync_directory(directory: Path) -> None:
 
 
 def why(err: BaseException) -> str:
-  """An OS error in a few lowercase words: 'no space left on device'."""
+  """An error in a few words: 'no space left on device', not a storage library's page."""
+  if out_of_space(err):
+    return "no space left on device"
   if isinstance(err, OSError) and err.strerror:
     return err.strerror.lower()
   text = str(err).strip().splitlines()
-  return text[0][:160] if text else type(err).__name__
+  return (text[0][:120] + ("..." if len(text[0]) > 120 else "")) if text else type(err).__name__
 
 
 def out_of_space(err: BaseException) -> bool:

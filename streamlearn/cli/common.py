@@ -27,6 +27,10 @@ def log_to_stderr() -> None:
   logging.getLogger("streamlearn").setLevel(logging.INFO)
   # A skipped update's NaN score is logged by us, once; tensorboardX would repeat it per tag.
   logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+  # A failed save (a full disk) is one line of ours; Orbax and asyncio would print pages of
+  # tracebacks from its background threads.
+  for noisy in ("absl", "asyncio"):
+    logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
 def error(message: str) -> int:

@@ -42,6 +42,8 @@ from collections.abc import Iterable
 import numpy as np
 import tokenizers
 
+from streamlearn.disk import write_atomic
+
 __all__ = ["Tokenizer", "ByteTokenizer", "BpeTokenizer", "KINDS", "TOKENIZER_FILE",
            "NUM_SPECIALS", "SPLIT_PATTERN", "make_tokenizer", "load_tokenizer",
            "tokenizer_from_json"]
@@ -107,12 +109,10 @@ class Tokenizer(abc.ABC):
               "vocab_size": self.vocab_size, "bos_id": self.bos_id,
               "doc_id": self.doc_id, "pad_id": self.pad_id, **self._config()}
     path = directory / TOKENIZER_FILE
-    # Write then rename: a run killed mid-save never leaves a truncated file.
-    tmp = path.with_name(path.name + ".tmp")
     # One key a line: the header stays readable, each table is one long line.
     text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in config.items())
-    tmp.write_text(text + "\n}\n", encoding="ascii")
-    os.replace(tmp, path)
+    # Written whole or not at all: a crash or a full disk never leaves a truncated file.
+    write_atomic(path, (text + "\n}\n").encode("ascii"))
     return path
 
   def _check_ids(self, ids) -> np.ndarray:

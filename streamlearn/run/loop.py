@@ -40,8 +40,10 @@ class Report:
   status: StatusLine
   started: tuple[float, int]     # (monotonic time, bytes seen) when this invocation began
   saved: int | None = None       # the newest version saved
+  attempted: int = 0             # the chunk of the last save tried: the next is due from it
   data_shifts: int = 0           # spikes judged the data's: nothing rolled back
   failed: bool = False           # the run stops on an error: exit code 1
+  unsaved: bool = False          # saving failed, and the run ends that way: exit code 2
 
   def rate(self, progress: Progress) -> float:
     """Bytes per second since this invocation started."""
@@ -70,19 +72,19 @@ def safety_text(progress: Progress, data_shifts: int = 0) -> str:
 
 def run(session: Session, progress: Progress, max_bytes: int | None = None) -> int:
   """Streams until the source ends, max_bytes, or Ctrl-C; returns the exit code."""
-  from tensorboardX import SummaryWriter
+  from streamlearn.store.events import EventWriter  # tensorboardX: imported when a run starts
 
   config = session.config
-  report = Report(SummaryWriter(str(session.run_dir / "tb")) if is_primary() else NoWriter(),
+  report = Report(EventWriter(session.run_dir / "tb") if is_primary() else NoWriter(),
                   StatusLine(config.log.progress_seconds),
                   (time.monotonic(), progress.totals.bytes))
   streams = Streams(session, max_bytes)
   chunks = streams.open(progress.position)
+  report.saved = progress.totals.chunks if progress.position is not None else None
+  report.attempted = progress.totals.chunks
   if progress.position is None:  # a new run: its original state is version 0
     progress.position = streams.current.start_position
-    report.saved = session.save(progress)
-  else:
-    report.saved = progress.totals.chunks
+    save(session, progress, report)
   in_flight = None  # (metrics on device, chunk) of the step dispatched last
   interrupts = Interrupts()
   try:
@@ -105,7 +107,7 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
         # --- a checkpoint, a swarm event or an alarm: book this chunk too, then act.
         # (A swarm's event comes after the chunk that crosses its interval: the same
         # point on a resume.)
-        due = progress.totals.chunks + 1 - report.saved >= config.checkpoint.every_chunks
+        due = progress.totals.chunks + 1 - report.attempted >= config.checkpoint.every_chunks
         evolve = (session.swarm is not None
                   and session.swarm.due(progress.totals.bytes + chunk.n_bytes))
         if not (alarm or due or evolve):
@@ -120,7 +122,12 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
         if evolve and not restored:
           evolve_swarm(session, progress, report)
         if restored or due:  # a rollback is saved at once
-          report.saved = session.save(progress)
+          save(session, progress, report)
+          if session.gave_up_saving:
+            log.error(f"error: {session.failed_in_a_row} saves in a row failed; stopping; the "
+                      f"newest saved version is {session.checkpointer.latest_step()}")
+            report.unsaved = True
+            break
   except KeyboardInterrupt:
     interrupts.requested = True
   except RollbackError as err:
@@ -135,13 +142,32 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
       except RollbackError as err:
         log.error(f"error: {err}")
         report.failed = True
-    report.saved = session.save(progress)
-    session.close()
+    if not report.unsaved:
+      save(session, progress, report)
+    session.close()  # waits for that save: a failure is one line, and exit code 2
+    drain_save_failures(session, report)
+    report.unsaved = report.unsaved or session.failed_in_a_row > 0
+    report.saved = session.newest_saved
     report.writer.close()
     report.status.update(report.text(progress), force=True)
     report.status.close()
   log.info(summary(session, progress, report, interrupts.requested))
-  return 1 if report.failed else 0
+  return 1 if report.failed else 2 if report.unsaved else 0
+
+
+def save(session: Session, progress: Progress, report: Report) -> None:
+  """Saves a version (a failed save is one line, counted; the run goes on: the next save is
+  tried an interval later)."""
+  report.attempted = progress.totals.chunks
+  saved = session.save(progress)
+  report.saved = saved if saved is not None else session.checkpointer.latest_step()
+  drain_save_failures(session, report)
+
+
+def drain_save_failures(session: Session, report: Report) -> None:
+  """Failed saves to TensorBoard, at the step of the version that was not saved."""
+  while session.save_failures:
+    report.writer.add_scalar("safety/save_failed", 1.0, session.save_failures.pop(0).step)
 
 
 class Streams:
@@ -224,7 +250,9 @@ def summary(session: Session, progress: Progress, report: Report, interrupted: b
   if totals.bytes == 0:
     log.info("the stream was empty: nothing learned")
   skipped = ", ".join(f"{n} {why}" for why, n in sorted(session.source.skipped.items()))
+  unsaved = (f" (the last {session.failed_in_a_row} save(s) failed: --resume goes on from "
+             f"version {session.newest_saved})" if session.failed_in_a_row else "")
   return (f"{'interrupted' if interrupted else 'done'}: {totals.bytes:,} bytes, "
-          f"{totals.bits_per_byte:.4f} bits/byte prequential, version {report.saved} in "
-          f"{session.run_dir}" + safety_text(progress, report.data_shifts)
+          f"{totals.bits_per_byte:.4f} bits/byte prequential, version {session.newest_saved} "
+          f"in {session.run_dir}" + safety_text(progress, report.data_shifts) + unsaved
           + (f" (files skipped: {skipped})" if skipped else ""))

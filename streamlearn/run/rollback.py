@@ -46,8 +46,7 @@ class Outcome(NamedTuple):
 def rollback(session: Session, progress: Progress, alarm: Alarm, writer) -> Outcome:
   """The run after `alarm`; raises RollbackError when no version restores."""
   cfg = session.config.safety
-  session.checkpointer.wait()
-  session.register()  # every complete version in the registry before any is marked
+  session.finish_saving()  # every complete version in the registry before any is marked
   steps = session.checkpointer.all_steps()
   candidates = rollback_candidates(steps, alarm.before, progress.discarded)
   try:

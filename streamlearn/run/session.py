@@ -27,6 +27,7 @@ from streamlearn.config import Config, config_to_dict
 from streamlearn.data.sources import Source, open_source, read_warmup
 from streamlearn.data.stream import TokenStream
 from streamlearn.data.tokenizer import Tokenizer, make_tokenizer
+from streamlearn.disk import why, write_atomic
 from streamlearn.distributed import barrier, host_copy, is_primary, several
 from streamlearn.learn.build import build
 from streamlearn.learn.prequential import Totals
@@ -35,10 +36,10 @@ from streamlearn.learn.step import make_score
 from streamlearn.run.canary import Canaries, CanaryError
 from streamlearn.run.retune import check_resumable, guard_anchor, retuned, same_source
 from streamlearn.run.safety import Guard
-from streamlearn.store.checkpoint import Checkpointer, VersionError, abstract_like
+from streamlearn.store.checkpoint import (ORIGINAL_STEP, Checkpointer, SaveError, VersionError,
+                                         abstract_like)
 from streamlearn.store.registry import Registry
-from streamlearn.store.rundir import (CONFIG_FILE, RunError, lock_run, move_aside, run_tokenizer,
-                                      write_atomic)
+from streamlearn.store.rundir import CONFIG_FILE, RunError, lock_run, move_aside, run_tokenizer
 from streamlearn.swarm.swarm import Swarm, initial_state
 
 log = logging.getLogger("streamlearn.run")
@@ -76,6 +77,10 @@ class Session:
   first_anchor: str         # the run's first config's delta.anchor (versions that predate
                             # their own record of it hold to this one)
   _unregistered: tuple[int, dict] | None = None  # the version being written
+  # Saves that failed (a full disk): those not yet reported to TensorBoard, how many in a row.
+  save_failures: list[SaveError] = dataclasses.field(default_factory=list)
+  failed_in_a_row: int = 0
+  newest_saved: int | None = None  # once closed: the newest version on disk
 
   @functools.cached_property
   def score_fn(self):
@@ -98,23 +103,71 @@ class Session:
 
   # --- versions ----------------------------------------------------------------------------
 
-  def save(self, progress: Progress) -> int:
-    """Starts writing version `progress.totals.chunks` (if not on disk yet); returns its step."""
+  def save(self, progress: Progress) -> int | None:
+    """Starts writing version `progress.totals.chunks` (if not on disk yet); returns its step.
+
+    A save that fails (a full disk) is reported and the run goes on: see `_save_failed`.
+    """
     step = progress.totals.chunks
     if progress.position is None or step in self.checkpointer.all_steps():
       return step
-    self.checkpointer.wait()
-    self.register()
+    self.finish_saving()
+    if self.gave_up_saving:  # the run stops: nothing more is started
+      return None
     # A host copy: the step donates the device buffers the moment it runs next.
     host_state = host_copy(progress.state)
     record = self._record(progress, host_state)
     tokenizer_json = json.loads((self.run_dir / "tokenizer.json").read_text())
     # Several processes: each writes its own members, from a copy on its devices.
     to_write = self.swarm.snapshot(progress.state) if several() else host_state
-    self.checkpointer.save(step, to_write, record, tokenizer_json, progress.guard.score())
+    try:
+      self.checkpointer.save(step, to_write, record, tokenizer_json, progress.guard.score())
+    except SaveError as err:
+      self._save_failed(err)
+      return None
     self._unregistered = (step, record)
     progress.parent = step
     return step
+
+  def finish_saving(self) -> None:
+    """Waits for the version being written, and registers it (or reports its failure)."""
+    try:
+      self.checkpointer.wait()
+    except SaveError as err:
+      self._save_failed(err)
+    else:
+      if self._unregistered is not None:
+        self.failed_in_a_row = 0
+    self.register()
+
+  @property
+  def gave_up_saving(self) -> bool:
+    return self.failed_in_a_row >= self.config.checkpoint.max_failed_saves
+
+  def _save_failed(self, err: SaveError) -> None:
+    """One line, an event in registry.json, and on a full disk the space this run can spare."""
+    if self._unregistered is not None and self._unregistered[0] == err.step:
+      self._unregistered = None
+    self.failed_in_a_row += 1
+    self.save_failures.append(err)
+    latest = self.checkpointer.latest_step()
+    log.warning(f"warning: {err} ({self.checkpointer.directory}); the newest saved version "
+                f"is {latest}")
+    self.registry.add_event({"kind": "save_failed", "time": time.time(), "step": err.step,
+                             "why": err.why, "newest": latest})
+    if err.out_of_space:
+      self._free_space(latest)
+    self.registry.write()
+
+  def _free_space(self, latest: int | None) -> None:
+    """Deletes this run's versions that nothing needs: never the original, the best, the
+    newest, or anything set aside (aside/ is not versions/)."""
+    keep = {ORIGINAL_STEP, latest, self.registry.best_step()}
+    freed = self.checkpointer.free_space({s for s in keep if s is not None})
+    if freed:
+      self.registry.sync(self.checkpointer.all_steps(), self.read_record)
+      log.warning(f"warning: deleted version(s) {', '.join(map(str, freed))} to free space "
+                  f"(kept: the original, the best and the newest)")
 
   def _record(self, progress: Progress, host_state: LearnerState) -> dict:
     """What a version records beside its state: enough to resume exactly."""
@@ -133,7 +186,7 @@ class Session:
     return record
 
   def register(self) -> None:
-    """Puts the last version, now complete on disk, into the registry."""
+    """Puts the last version, once complete on disk, into the registry."""
     if self._unregistered is not None:
       self.registry.add_version(*self._unregistered)
       self._unregistered = None
@@ -150,9 +203,12 @@ class Session:
 
   def close(self) -> None:
     """Waits for the last save, brings the registry in line, releases the run directory."""
-    self.checkpointer.close()
-    self.register()
-    self.lock.release()
+    try:
+      self.finish_saving()
+      self.newest_saved = self.checkpointer.latest_step()
+    finally:
+      self.checkpointer.close()
+      self.lock.release()
 
 
 # --- opening ----------------------------------------------------------------------------------
@@ -197,9 +253,12 @@ def _fresh(config: Config, run_dir: Path, source: Source, lock) -> tuple[Session
   tokenizer = make_tokenizer(config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
                              warmup=warmup_text)
   if is_primary():  # several processes: one run directory, process 0's to write
-    tokenizer.save(run_dir)
-    # Written last, and whole (renamed into place): its presence means a run to resume.
-    write_atomic(run_dir / CONFIG_FILE, json.dumps(config_to_dict(config), indent=2))
+    try:
+      tokenizer.save(run_dir)
+      # Written last, and whole (renamed into place): its presence means a run to resume.
+      write_atomic(run_dir / CONFIG_FILE, json.dumps(config_to_dict(config), indent=2))
+    except OSError as err:
+      raise RunError(f"{run_dir}: cannot write the run's files: {why(err)}") from None
   return _from_original(config, run_dir, source, tokenizer, lock)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
+import shutil
 import sys
 import time
 import zlib
@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from streamlearn.config import CheckpointConfig
+from streamlearn.disk import out_of_space, why
 from streamlearn.distributed import barrier, everywhere, host_copy, is_primary, several
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,14 @@ class VersionError(FileNotFoundError):
   A FileNotFoundError, as Orbax's own "no such step" is: callers that report
   that one in a line (scripts/evaluate.py) report this one the same way.
   """
+
+
+class SaveError(RuntimeError):
+  """A version that could not be written (its partial files are removed); one line."""
+
+  def __init__(self, step: int, why: str, out_of_space: bool):
+    super().__init__(f"version {step} not saved: {why}")
+    self.step, self.why, self.out_of_space = step, why, out_of_space
 
 
 class Restored(NamedTuple):
@@ -137,9 +146,27 @@ class Checkpointer:
           cleanup_tmp_directories=writable,
           enable_async_checkpointing=True,
       )
+      if writable:
+        self._remove_partial_versions()
+        _silence_closed_loop_noise()  # a failed background save leaves such noise too
       # Over several processes (distributed.py) the manager spans them all, as Orbax
       # expects: each writes its own shards, process 0 the rest, with barriers between.
       self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._writing: int | None = None  # the version whose save is under way
+
+  def _remove_partial_versions(self, step: int | None = None, quiet: bool = False) -> list[int]:
+    """Removes half-written versions (of `step`, or all): never loaded, they only fill the disk."""
+    if not is_primary() or not self.directory.is_dir():
+      return []
+    found = sorted(p for p in self.directory.glob("*.orbax-checkpoint-tmp*")
+                   if step is None or p.name.split(".")[0] == str(step))
+    for path in found:
+      shutil.rmtree(path, ignore_errors=True)
+    steps = sorted({int(p.name.split(".")[0]) for p in found if p.name.split(".")[0].isdigit()})
+    if found and step is None and not quiet:
+      log.warning(f"warning: removed half-written version(s) {', '.join(map(str, steps))} "
+                  f"from {self.directory} (left by a crash or a failed save; never loaded)")
+    return steps
 
   def reload(self) -> None:
     """Re-reads versions/ after versions were moved out of it."""
@@ -158,13 +185,19 @@ class Checkpointer:
 
     `state` is a host copy, or over several processes a device copy split as the
     swarm is (each process writes its own members); the caller never touches it again.
+    A save that fails raises SaveError: here when it fails at once, from `wait`
+    (or `close`) when it fails while writing in the background.
     """
     record = {**record, "state_crc32": state_crc32(host_copy(state))}
     metrics = {"score": score} if score is not None and np.isfinite(score) else None
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        stream=ocp.args.JsonSave(record),
-        tokenizer=ocp.args.JsonSave(tokenizer)), metrics=metrics, force=True)
+    self._writing = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          stream=ocp.args.JsonSave(record),
+          tokenizer=ocp.args.JsonSave(tokenizer)), metrics=metrics, force=True)
+    except Exception as err:  # orbax and tensorstore raise many kinds; OSError among them
+      self._failed(err)
 
   def read_record(self, step: int) -> tuple[dict, dict]:
     """(record, tokenizer) of a version, without reading its arrays."""
@@ -228,12 +261,42 @@ class Checkpointer:
     return Restored(step, state, record, dict(restored["tokenizer"]), [])
 
   def wait(self) -> None:
-    """Blocks until every started save is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is on disk; SaveError if the last one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as err:
+      self._failed(err)
+    if self._writing is not None:
+      # Nothing is being written now: a half-written version left (a failed save whose
+      # background writers outlived its error) can only take space.
+      self._remove_partial_versions(quiet=True)
+    self._writing = None
+
+  def _failed(self, err: Exception) -> None:
+    step, self._writing = self._writing, None
+    self._remove_partial_versions(step)
+    time.sleep(0.05)  # the storage library's writers may still be finishing: sweep again
+    self._remove_partial_versions(step)
+    try:
+      self._manager.reload()  # what is on disk, not what the failed save meant to add
+    except Exception:  # the listing itself may fail on a broken disk; the next call retries
+      pass
+    raise SaveError(step, why(err), out_of_space(err)) from None
+
+  def free_space(self, keep: set[int]) -> list[int]:
+    """Deletes the complete versions not in `keep`, oldest first; returns their steps."""
+    gone = [s for s in self.all_steps() if s not in keep]
+    for step in gone:
+      shutil.rmtree(self.directory / str(step), ignore_errors=True)
+    self._manager.reload()
+    return gone
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the last save (SaveError if it failed) and lets the versions go."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def abstract_like(state: Any) -> Any:

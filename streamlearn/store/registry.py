@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
+from streamlearn.disk import why, write_atomic
 from streamlearn.distributed import is_primary
 from streamlearn.store.checkpoint import ORIGINAL_STEP, VersionError
 
@@ -54,6 +54,7 @@ class Registry:
   def __init__(self, run_dir: Path, data: dict):
     self.path = Path(run_dir) / REGISTRY_FILE
     self.data = data
+    self.failed_writes, self._failing = 0, False
 
   @classmethod
   def open(cls, run_dir: Path, steps: list[int],
@@ -131,13 +132,26 @@ class Registry:
       if entry["step"] in steps:
         entry["rolled_back"] = True
 
-  def write(self) -> None:
-    """Atomically: a crash leaves either the old file or the new one."""
+  def write(self) -> bool:
+    """Atomically: a crash leaves either the old file or the new one.
+
+    A write that fails (a full disk) is a warning when a run of them starts, and
+    counted (`failed_writes`); the run goes on: the versions hold everything the
+    registry says, and a later write, or the next open, brings it back in line.
+    """
     if not is_primary():  # over several processes, process 0 keeps the file
-      return
-    tmp = self.path.with_name(self.path.name + ".tmp")
-    tmp.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, self.path)
+      return True
+    try:
+      write_atomic(self.path, json.dumps(self.data, indent=1) + "\n")
+    except OSError as err:
+      if not self._failing:
+        log.warning(f"warning: {self.path} not written: {why(err)} (rebuilt from the versions "
+                    f"when it can be)")
+      self._failing = True
+      self.failed_writes += 1
+      return False
+    self._failing = False
+    return True
 
   # --- reading ---------------------------------------------------------------------------
 

@@ -100,12 +100,6 @@ def open_run(run_dir: str | Path, *, writable: bool = False) -> RunDir:
   return RunDir(path, config, checkpointer, registry)
 
 
-def write_atomic(path: Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
-
-
 def move_aside(run_dir: Path, steps: list[int], why: str) -> Path | None:
   """Moves versions out of versions/ into aside/<time>-<why>/ (kept, never deleted).
 
