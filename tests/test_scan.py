@@ -85,12 +85,13 @@ def jitted_vjp(impl, reverse):
 # --- values -------------------------------------------------------------------
 
 # LONG_T stands in for a long chunk. Every implementation's structure is
-# exercised at this length: the interpreted Pallas kernel walks 75 full tiles of
-# 4 steps plus a 1-step remainder, BLOCKED cuts time into 18 blocks of 17 steps
+# exercised at this length: the interpreted Pallas kernel walks 16 full tiles of
+# 4 steps plus a 3-step remainder, BLOCKED cuts time into 9 blocks of 8 steps
 # with a short last block (5 padding steps), and ASSOCIATIVE meets an odd length
-# at the top level. (T = 1000, used before, reaches no path this length does
-# not, and cost ~1.6x as much per compilation: BLOCKED unrolls ~2 sqrt(T) steps.)
-LONG_T = 301
+# at the top level. (T = 301 and 1000, used before, reach no path this length
+# does not, and cost ~2x and ~3x as much per compilation: BLOCKED unrolls
+# ~2 sqrt(T) steps, the kernel's interpreter pays per tile.)
+LONG_T = 67
 
 # Every T, every D, both dtypes and both directions appear, in 8 of the 48
 # combinations of the full grid (each compiles anew: the whole grid took ~4 min):
