@@ -16,7 +16,7 @@ without learning from it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
 import jax
@@ -158,6 +158,18 @@ class Learner:
     (streamlearn/learn/sample.py); generation ends after max_tokens, at the first
     of the `stop` strings (left out of the text) or at a document separator.
     """
+    return "".join(self.stream(prompt, max_tokens=max_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                               stop=stop, seed=seed))
+
+  def stream(self, prompt: str | bytes = b"", *, max_tokens: int = 200,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, stop: Sequence[str] = (),
+             seed: int = 0) -> Generator[str, None, int]:
+    """`generate` as it is drawn: pieces of text (one per block of tokens sampled) that join
+    into what `generate` returns. A piece never ends inside a character or inside a text
+    that may still become a stop string. Returns (as StopIteration.value) the number of
+    tokens the text holds: max_tokens when it ran to its length."""
     options = sample_lib.Sampling(temperature, top_k, top_p, repetition_penalty)
     tokens = np.concatenate([self._pending, self.tokenizer.encode(_as_bytes(prompt))])
     carry, position = self._read(tokens.astype(np.int32))
@@ -167,18 +179,29 @@ class Learner:
     never = np.zeros(self.tokenizer.vocab_size, bool)
     never[[self.tokenizer.bos_id, self.tokenizer.pad_id]] = True
     sampler, key = sample_lib.block_sampler(self.predictor), jax.random.PRNGKey(seed)
-    out, recent = [], jnp.asarray(recent)
+    hold = max((len(s) for s in stop if s), default=1) - 1  # what may start a stop string
+    out, recent, sent = [], jnp.asarray(recent), 0
     while sum(map(len, out)) < max_tokens:
       key, block_key = jax.random.split(key)
       block, carry, position, recent = sampler(
           self.state.params, carry, jnp.int32(position), recent, block_key, jnp.asarray(never),
           options.arrays(), *self._forecast())
       out.append(np.asarray(block))
-      text, done = self._until_stop(np.concatenate(out)[:max_tokens], stop)
-      if done:
-        return text
-    return self._until_stop(np.concatenate(out)[:max_tokens] if out else np.zeros(0, np.int32),
-                            stop)[0]
+      drawn = np.concatenate(out)[:max_tokens]
+      text, done = self._until_stop(drawn, stop)
+      if done or len(drawn) >= max_tokens:
+        break
+      # Held back: the last characters (a stop string may begin there) and a character
+      # whose bytes are not all drawn yet (decoded as U+FFFD until they are).
+      ready = len(text.rstrip("\ufffd")) - hold
+      if ready > sent:
+        yield text[sent:ready]
+        sent = ready
+    else:
+      text, done, drawn = "", False, np.zeros(0, np.int32)
+    if len(text) > sent:
+      yield text[sent:]
+    return len(self.tokenizer.encode(text.encode("utf-8"))) if done else len(drawn)
 
   def _until_stop(self, tokens: np.ndarray, stop: Sequence[str]) -> tuple[str, bool]:
     """(the text of `tokens` up to a document separator or a stop string, whether it ended)."""

@@ -159,6 +159,28 @@ class SwarmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServeConfig:
+  """`streamlearn serve`: the pool of best models behind Ollama- and OpenAI-style APIs."""
+  host: str = "127.0.0.1"     # loopback; another address needs --allow-remote and a token
+  port: int = 8765            # (11434 is Ollama's, 1234 LM Studio's)
+  pool: int = 5               # models that answer: the best versions and swarm members
+  keep_best: int = 2          # per run: its newest version and this many best by score
+  policy: str = "thompson"    # the bandit that routes requests: thompson, ucb1 or egreedy
+  explore: float = 0.1        # this fraction of requests goes to a model drawn uniformly
+  discount: float = 0.999     # old ratings fade: a model remembers ~1/(1 - discount) of them
+  state: str = ""             # the bandit's file ("": serve.json in the first run directory)
+  token: str = ""             # bearer token the API requires ("": none; needed off loopback)
+  reload_seconds: float = 5.0  # how often the runs are checked for new versions
+  max_body_bytes: int = 65_536  # requests larger than this are refused (413)
+  max_prompt_chars: int = 16_384
+  default_tokens: int = 128   # tokens per answer when the request does not say
+  max_tokens: int = 2048      # at most this many tokens per answer
+  max_concurrent: int = 2     # generations at once; more wait up to queue_seconds, then 503
+  queue_seconds: float = 30.0
+  remember_answers: int = 10_000  # answers that can still be rated
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   name: str = "default"       # run name: the run directory is checkpoints/<name>/
   seed: int = 0               # parameter init and every random draw of the run
@@ -174,6 +196,7 @@ class Config:
   replay: ReplayConfig = ReplayConfig()
   canary: CanaryConfig = CanaryConfig()
   swarm: SwarmConfig = SwarmConfig()
+  serve: ServeConfig = ServeConfig()
 
 
 # Value checks beyond the type: key -> (predicate, what it must be).
@@ -226,6 +249,16 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "swarm.init_spread": (lambda v: v >= 1, ">= 1"),
     "swarm.fresh_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "swarm.grace_bytes": _NON_NEGATIVE,
+    "serve.port": (lambda v: 0 <= v <= 65535, "in [0, 65535]"), "serve.pool": _POSITIVE,
+    "serve.keep_best": _NON_NEGATIVE,
+    "serve.policy": (lambda v: v in ("thompson", "ucb1", "egreedy"),
+                     "one of thompson, ucb1, egreedy"),
+    "serve.explore": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "serve.discount": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "serve.reload_seconds": _POSITIVE, "serve.max_body_bytes": _POSITIVE,
+    "serve.max_prompt_chars": _POSITIVE, "serve.default_tokens": _POSITIVE,
+    "serve.max_tokens": _POSITIVE, "serve.max_concurrent": _POSITIVE,
+    "serve.queue_seconds": _NON_NEGATIVE, "serve.remember_answers": _POSITIVE,
 }
 
 

@@ -10,8 +10,10 @@ nothing is imported to check it.
     nn                             the leaves
     learn                          nn, data and the leaves
     swarm                          learn, store and below
-    run (capture, serve, daemon)   swarm and below
-    api, cli                       on top (cli may use api)
+    run, capture                   swarm and below
+    api                            run and below: the Python API
+    serve, daemon                  api and below (serve uses the API's learner)
+    cli                            on top
     entry points                   the root package and `__main__` modules: import anything,
                                    imported by nothing
 """
@@ -32,8 +34,9 @@ ALLOWED = {
     "nn": {"config", "distributed", "kernels"},
     "learn": _LEARN,
     "swarm": _SWARM,
-    "run": _RUN, "capture": _RUN - {"swarm", "learn", "nn", "kernels"}, "serve": _RUN,
-    "daemon": _RUN | {"capture", "serve"},
+    "run": _RUN, "capture": _RUN - {"swarm", "learn", "nn", "kernels"},
+    "serve": _RUN | {"api"},
+    "daemon": _RUN | {"api", "capture", "serve"},
     "api": _RUN,
     "cli": _RUN | {"api", "capture", "serve", "daemon"},
 }

@@ -6,6 +6,7 @@
     streamlearn export    a version as an int8 artifact
     streamlearn evaluate  runs scored on held-out data, frozen and adapting
     streamlearn generate  text from a run or an artifact
+    streamlearn serve     the best models behind Ollama- and OpenAI-style APIs and a page
 
 Each command's own module says more (`streamlearn COMMAND --help`). Only the
 chosen command's module is imported, so `streamlearn --help` is instant.
@@ -27,6 +28,7 @@ COMMANDS = {
     "export": ("streamlearn.cli.export", "a version as an int8 artifact, and what int8 costs"),
     "evaluate": ("streamlearn.cli.evaluate", "score runs on held-out data, frozen and adapting"),
     "generate": ("streamlearn.cli.generate", "text from a run or an artifact"),
+    "serve": ("streamlearn.cli.serve", "the best models behind Ollama/OpenAI-style APIs and a page"),
 }
 
 
