@@ -181,6 +181,23 @@ class ServeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CaptureConfig:
+  """`streamlearn capture`: text from the user's environment, redacted, into a spool."""
+  spool: str = ""             # the spool directory ("": checkpoints/<name>/captures)
+  folders: tuple[str, ...] = ()  # watched directories (small text files)
+  include: tuple[str, ...] = ()  # globs a file must match (empty: every file)
+  exclude: tuple[str, ...] = ()  # globs never read (beyond the built-in sensitive places)
+  push: str = ""              # "127.0.0.1:PORT" for POST /ingest ("": off)
+  allow_remote_push: bool = False  # the push endpoint on an address other than loopback
+  max_file_bytes: int = 1_048_576  # larger files are skipped (checked before reading)
+  max_item_bytes: int = 262_144    # longer texts are split into items of at most this
+  max_push_bytes: int = 1_048_576  # a larger push gets 413
+  segment_bytes: int = 4_194_304   # a segment is sealed ("training ready") at 90% of this
+  poll_seconds: float = 2.0   # folders are rescanned this often (watchdog wakes it sooner)
+  settle_seconds: float = 1.0  # a file unchanged this long has finished being written
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   name: str = "default"       # run name: the run directory is checkpoints/<name>/
   seed: int = 0               # parameter init and every random draw of the run
@@ -197,6 +214,7 @@ class Config:
   canary: CanaryConfig = CanaryConfig()
   swarm: SwarmConfig = SwarmConfig()
   serve: ServeConfig = ServeConfig()
+  capture: CaptureConfig = CaptureConfig()
 
 
 # Value checks beyond the type: key -> (predicate, what it must be).
@@ -259,6 +277,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "serve.max_prompt_chars": _POSITIVE, "serve.default_tokens": _POSITIVE,
     "serve.max_tokens": _POSITIVE, "serve.max_concurrent": _POSITIVE,
     "serve.queue_seconds": _NON_NEGATIVE, "serve.remember_answers": _POSITIVE,
+    "capture.max_file_bytes": _POSITIVE, "capture.max_item_bytes": _POSITIVE,
+    "capture.max_push_bytes": _POSITIVE, "capture.segment_bytes": _POSITIVE,
+    "capture.poll_seconds": _POSITIVE, "capture.settle_seconds": _NON_NEGATIVE,
 }
 
 

@@ -6,6 +6,7 @@
     streamlearn export    a version as an int8 artifact
     streamlearn evaluate  runs scored on held-out data, frozen and adapting
     streamlearn generate  text from a run or an artifact
+    streamlearn capture   text from folders and pushes, redacted, into a spool
     streamlearn serve     the best models behind Ollama- and OpenAI-style APIs and a page
 
 Each command's own module says more (`streamlearn COMMAND --help`). Only the
@@ -28,6 +29,7 @@ COMMANDS = {
     "export": ("streamlearn.cli.export", "a version as an int8 artifact, and what int8 costs"),
     "evaluate": ("streamlearn.cli.evaluate", "score runs on held-out data, frozen and adapting"),
     "generate": ("streamlearn.cli.generate", "text from a run or an artifact"),
+    "capture": ("streamlearn.cli.capture", "text from folders and pushes, redacted, into a spool"),
     "serve": ("streamlearn.cli.serve", "the best models behind Ollama/OpenAI-style APIs and a page"),
 }
 

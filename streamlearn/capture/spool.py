@@ -1,0 +1,189 @@
+"""The spool: captured text on disk, in segments a learner reads while capture fills the next.
+
+    SPOOL/segment-000001.txt    plain UTF-8: every item is a header line and its text
+    SPOOL/segment-000001.json   its manifest: samples, bytes, sources, redactions, ...
+    SPOOL/seen.txt              the sha256 of every item captured (duplicates are dropped)
+
+An item is written as
+
+    \\x1e<time> <collector> <bytes> <source>\\n<text>\\n
+
+(`\\x1e`, the ASCII record separator, never appears in captured text: `add`
+replaces it; <bytes> is the length of <text>\\n in UTF-8), appended and fsynced
+before the next: a `kill -9` loses at most the item being written, and a
+reader that meets a torn last item (shorter than its header says) leaves it. A segment is sealed when it holds 90% of
+`segment_bytes` ("training ready": its manifest says `sealed`, and a line is
+logged); the next item starts the next segment at once, so capture never waits
+for training. Only text that went through `prep` (redacted, deduplicated) is
+ever given to `Spool.add`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+from streamlearn.disk import write_atomic
+
+log = logging.getLogger("streamlearn.capture")
+
+SEPARATOR = "\x1e"
+SEAL_FRACTION = 0.9  # a segment this full is training ready
+_SEGMENT = re.compile(r"segment-(\d{6})\.txt$")
+
+
+@dataclasses.dataclass
+class Item:
+  """One captured text, before prep: what a collector found, and where."""
+  text: str
+  collector: str   # folders, push, stdin, screen, audio
+  source: str      # a path, a client, a window
+
+
+def normalise(text: str) -> str:
+  """The text as dedup compares it: whitespace runs as one space, no edges."""
+  return " ".join(text.split())
+
+
+@dataclasses.dataclass
+class Manifest:
+  segment: int
+  samples: int = 0
+  bytes: int = 0
+  sealed: bool = False
+  started: float = dataclasses.field(default_factory=time.time)
+  sealed_at: float | None = None
+  sources: dict = dataclasses.field(default_factory=dict)      # collector -> items
+  redactions: dict = dataclasses.field(default_factory=dict)   # kind -> count (never values)
+  duplicates: int = 0
+  skipped: dict = dataclasses.field(default_factory=dict)      # why -> count
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+
+class Spool:
+  """Appends prepared items to the current segment; seals it at 90% of `segment_bytes`."""
+
+  def __init__(self, directory: str | Path, segment_bytes: int):
+    self.directory = Path(directory)
+    self.directory.mkdir(parents=True, exist_ok=True)
+    self.segment_bytes = segment_bytes
+    self._seen = self._load_seen()
+    numbers = sorted(int(m.group(1)) for p in self.directory.iterdir()
+                     if (m := _SEGMENT.match(p.name)))
+    last = numbers[-1] if numbers else 0
+    manifest = self._read_manifest(last) if last else None
+    if manifest is None or manifest.sealed:
+      manifest = Manifest(segment=last + 1)
+    self.manifest = manifest
+    self.sealed_events = 0
+
+  # --- the files -------------------------------------------------------------------------
+
+  def segment_path(self, number: int) -> Path:
+    return self.directory / f"segment-{number:06d}.txt"
+
+  def manifest_path(self, number: int) -> Path:
+    return self.directory / f"segment-{number:06d}.json"
+
+  def _read_manifest(self, number: int) -> Manifest | None:
+    try:
+      return Manifest(**json.loads(self.manifest_path(number).read_text()))
+    except (OSError, ValueError, TypeError):
+      size = self.segment_path(number).stat().st_size if self.segment_path(number).exists() else 0
+      return Manifest(segment=number, bytes=size)  # a crash before the first manifest
+
+  def _load_seen(self) -> set[str]:
+    try:
+      return set((self.directory / "seen.txt").read_text().split())
+    except OSError:
+      return set()
+
+  # --- writing ---------------------------------------------------------------------------
+
+  def seen(self, text: str) -> bool:
+    return hashlib.sha256(normalise(text).encode()).hexdigest() in self._seen
+
+  def count(self, field: str, key: str, n: int = 1) -> None:
+    """Counts something in the current manifest: `skipped` or `redactions` by kind."""
+    table = getattr(self.manifest, field)
+    table[key] = table.get(key, 0) + n
+
+  def duplicate(self) -> None:
+    self.manifest.duplicates += 1
+
+  def add(self, item: Item, redactions: collections.Counter) -> None:
+    """Writes one prepared item (redacted, not seen before) whole, then its hash."""
+    digest = hashlib.sha256(normalise(item.text).encode()).hexdigest()
+    body = (item.text.replace(SEPARATOR, " ") + "\n").encode("utf-8")
+    header = (f"{SEPARATOR}{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
+              f"{item.collector} {len(body)} {' '.join(item.source.split())}\n")
+    data = header.encode("utf-8") + body
+    _append_synced(self.segment_path(self.manifest.segment), data)
+    _append_synced(self.directory / "seen.txt", (digest + "\n").encode())
+    self._seen.add(digest)
+    m = self.manifest
+    m.samples += 1
+    m.bytes += len(data)
+    m.sources[item.collector] = m.sources.get(item.collector, 0) + 1
+    for kind, n in redactions.items():
+      m.redactions[kind] = m.redactions.get(kind, 0) + n
+    if m.bytes >= SEAL_FRACTION * self.segment_bytes:
+      self.seal()
+    else:
+      self.write_manifest()
+
+  def write_manifest(self) -> None:
+    try:
+      write_atomic(self.manifest_path(self.manifest.segment), self.manifest.to_json())
+    except OSError as err:
+      log.warning(f"warning: {self.manifest_path(self.manifest.segment)} not written "
+                  f"({err.strerror})")
+
+  def seal(self) -> None:
+    """Training ready: this segment is closed, the next item starts the next one."""
+    m = self.manifest
+    if m.samples == 0:
+      return
+    m.sealed, m.sealed_at = True, time.time()
+    self.write_manifest()
+    self.sealed_events += 1
+    log.info(f"segment {m.segment} sealed, training ready: {m.samples} items, "
+             f"{m.bytes:,} bytes ({self.segment_path(m.segment)})")
+    self.manifest = Manifest(segment=m.segment + 1)
+
+  def close(self) -> None:
+    if self.manifest.samples or self.manifest.duplicates or self.manifest.skipped:
+      self.write_manifest()
+
+
+def _append_synced(path: Path, data: bytes) -> None:
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+  try:
+    view = memoryview(data)
+    while view:
+      view = view[os.write(fd, view):]
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def read_segment(path: str | Path) -> list[tuple[str, str]]:
+  """[(header, text)] of a segment's whole items (a torn last item is left out)."""
+  data = Path(path).read_bytes()
+  items = []
+  for record in data.split(SEPARATOR.encode())[1:]:
+    header, _, body = record.partition(b"\n")
+    fields = header.split(b" ", 3)
+    if len(fields) < 3 or not fields[2].isdigit() or len(body) != int(fields[2]):
+      break  # being written (or torn by a crash): not an item yet
+    items.append((header.decode("utf-8", "replace"), body[:-1].decode("utf-8", "replace")))
+  return items

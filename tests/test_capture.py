@@ -1,0 +1,220 @@
+"""Capture: redaction before the disk, the spool's segments and seal, folders, push, the CLI."""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from streamlearn.capture.collect import Capture, Folders, split_text
+from streamlearn.capture.push import make_push_server
+from streamlearn.capture.redact import redact
+from streamlearn.capture.spool import SEAL_FRACTION, Item, Spool, read_segment
+from streamlearn.config import load_config
+
+# Every kind, several shapes each: (text, kind, the value that must not survive).
+PLANTED = [
+    ("write to jane.doe+news@example.co.uk today", "EMAIL", "jane.doe+news@example.co.uk"),
+    ("from: a_b@mail.example.org", "EMAIL", "a_b@mail.example.org"),
+    ("call +44 20 7946 0958 now", "PHONE", "7946 0958"),
+    ("office (555) 123-4567.", "PHONE", "123-4567"),
+    ("cell 555.123.4567", "PHONE", "555.123.4567"),
+    ("card 4111 1111 1111 1111 exp 12/29", "CARD", "4111 1111 1111 1111"),
+    ("amex 3782-822463-10005", "CARD", "3782-822463-10005"),
+    ("mc 5500000000000004", "CARD", "5500000000000004"),
+    ("ssn 123-45-6789", "SSN", "123-45-6789"),
+    ("host 192.168.1.20 is up", "IP", "192.168.1.20"),
+    ("via 2001:db8::8a2e:370:7334", "IP", "2001:db8::8a2e:370:7334"),
+    ("pay to GB82 WEST 1234 5698 7654 32", "IBAN", "GB82 WEST 1234 5698 7654 32"),
+    ("iban DE89370400440532013000", "IBAN", "DE89370400440532013000"),
+    ("aws AKIAIOSFODNN7EXAMPLE", "TOKEN", "AKIAIOSFODNN7EXAMPLE"),
+    ("gh ghp_" + "aB3" * 12, "TOKEN", "ghp_" + "aB3" * 12),
+    ("key sk-proj-abcdefghijklmnopqrstuvwx1234", "TOKEN", "abcdefghijklmnopqrstuvwx1234"),
+    ("slack xoxb-123456789012-abcdefghijkl", "TOKEN", "xoxb-123456789012"),
+    ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk\n-----END OPENSSH PRIVATE KEY-----",
+     "PRIVATE_KEY", "b3BlbnNzaC1rZXk"),
+    ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9P",
+     "JWT", "dozjgNryP4J3jVmNHl0w5N"),
+    ("password: hunter2!", "SECRET", "hunter2!"),
+    ('api_key = "q8Zr3LmN0pX7"', "SECRET", "q8Zr3LmN0pX7"),
+    ("the token is Zx9Qw8Er7Ty6Ui5Op4As3Df2", "SECRET", "Zx9Qw8Er7Ty6Ui5Op4As3Df2"),
+    ("db postgres://admin:s3cr3t@db.example.com/prod", "CREDENTIALS", "s3cr3t"),
+]
+
+
+@pytest.mark.parametrize("text,kind,value", PLANTED, ids=[f"{k}-{i}" for i, (_, k, _) in
+                                                          enumerate(PLANTED)])
+def test_every_kind_is_replaced_by_its_placeholder_and_the_rest_stays(text, kind, value):
+  out, counts = redact(f"Dear Ann, {text} -- thanks, Bo")
+  assert value not in out and f"<{kind}>" in out and counts[kind] >= 1, (out, counts)
+  assert out.startswith("Dear Ann, ") and out.endswith(" -- thanks, Bo")
+
+
+def test_numbers_that_only_look_like_pii_stay():
+  text = ("Version 3.11.7 shipped 2026-12-02; 4111 1111 1111 1112 fails Luhn; order "
+          "#1234567; pi is 3.14159; x[1::2] slices; GB00 NOTA REAL IBAN; token = self[0]; "
+          "password = getpass(); token_type = 'word'")
+  out, counts = redact(text)
+  assert out == text and not counts
+  prose = Path(json.__file__).parent.joinpath("decoder.py").read_text()
+  assert not redact(prose)[1]
+
+
+def test_long_text_is_split_at_line_ends_within_the_limit():
+  text = "".join(f"line {i} " + "é" * 30 + "\n" for i in range(100)) + "x" * 500
+  pieces = split_text(text, 256)
+  assert "".join(pieces) == text and all(len(p.encode()) <= 256 for p in pieces)
+  assert all(p.endswith("\n") for p in pieces[:-3])
+
+
+def test_the_spool_seals_at_ninety_percent_and_goes_on(tmp_path):
+  spool = Spool(tmp_path / "spool", segment_bytes=1000)
+  cfg = load_config(None, []).capture
+  capture = Capture(cfg, spool)
+  for i in range(40):
+    capture.offer(Item(f"item {i}: " + "w" * 60, "push", "test"))
+  first = json.loads(spool.manifest_path(1).read_text())
+  assert first["sealed"] and SEAL_FRACTION * 1000 <= first["bytes"] < SEAL_FRACTION * 1000 + 100
+  items = read_segment(spool.segment_path(1))
+  assert len(items) == first["samples"] and items[0][1] == "item 0: " + "w" * 60
+  assert spool.manifest.segment >= 3 and spool.sealed_events >= 2
+  # A reader of segment 1 meanwhile; capture goes on into the open segment; a torn item (a
+  # kill -9 mid-write) at its end is left out, never misread.
+  open_segment = spool.segment_path(spool.manifest.segment)
+  whole = read_segment(open_segment)
+  with open(open_segment, "ab") as f:
+    f.write(b"\x1e2026-12-02T00:00:00Z push 500 test\nhalf an it")
+  assert read_segment(open_segment) == whole
+  # Duplicates are dropped (after a restart too) and counted.
+  again = Capture(cfg, Spool(tmp_path / "spool", 1000))
+  assert again.offer(Item("item 3: " + "w" * 60, "push", "test")) == 0
+  assert again.spool.manifest.duplicates == 1
+
+
+@pytest.fixture
+def capture(tmp_path):
+  cfg = load_config(None, ["capture.max_file_bytes=2000", "capture.max_push_bytes=500",
+                           "capture.settle_seconds=0"]).capture
+  return Capture(cfg, Spool(tmp_path / "spool", cfg.segment_bytes))
+
+
+def spooled(capture) -> str:
+  capture.spool.close()
+  return "".join(p.read_text() for p in sorted(capture.spool.directory.glob("segment-*")))
+
+
+def test_folders_take_small_text_files_once_and_nothing_sensitive(capture, tmp_path):
+  home = tmp_path / "home"
+  (home / ".ssh").mkdir(parents=True)
+  (home / ".ssh" / "config").write_text("Host secret-host")
+  (home / "project" / ".git").mkdir(parents=True)
+  (home / "project" / ".git" / "HEAD").write_text("ref: refs/heads/secret-branch")
+  (home / "project" / ".env").write_text("DB=secret-env")
+  (home / "project" / "server.pem").write_text("secret-pem")
+  (home / "notes.txt").write_text("Meet Ann at noon. Her mail: ann@example.com.\n")
+  (home / "copy.txt").write_text("Meet Ann at noon. Her mail: ann@example.com.\n")
+  (home / "big.txt").write_text("x" * 3000)
+  (home / "blob.bin").write_bytes(b"\x00\x01binary")
+  (home / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+  (home / "picture.png").write_bytes(b"\x89PNG")
+  os.mkfifo(home / "pipe")
+  (home / "loop").symlink_to(home, target_is_directory=True)
+  (home / "link.txt").symlink_to(home / "notes.txt")
+  folders = Folders(capture, [str(home)])
+  assert folders.scan() == 1
+  assert folders.scan() == 0  # nothing changed: nothing read again
+  (home / "notes.txt").write_text("Meet Ann at one, not noon.\n")
+  assert folders.scan() == 1
+  text = spooled(capture)
+  assert "Meet Ann at noon. Her mail: <EMAIL>." in text and "Meet Ann at one" in text
+  assert "ann@example.com" not in text and "secret" not in text
+  manifest = json.loads(capture.spool.manifest_path(1).read_text())
+  assert manifest["duplicates"] == 1 and manifest["redactions"] == {"EMAIL": 1}
+  assert manifest["skipped"] == {"too large": 1, "binary": 1, "not UTF-8": 1,
+                                 "image or audio (OCR and speech are not built yet)": 1,
+                                 "not a regular file": 2}  # the FIFO, the file link
+  # (the directory link is never followed: os.walk without followlinks)
+  assert "ann@example.com" not in json.dumps(manifest)
+
+
+def test_push_takes_text_and_json_and_refuses_bad_input(capture):
+  server = make_push_server(capture, "127.0.0.1", 0)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  port = server.server_address[1]
+
+  def post(path, body: bytes, content_type="text/plain"):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read())
+    conn.close()
+    return out
+
+  try:
+    assert post("/ingest", b"plain text from curl, ssn 123-45-6789") == (
+        200, {"captured": 1, "duplicate": False})
+    assert post("/ingest", json.dumps({"text": "json text", "source": "editor"}).encode(),
+                "application/json")[0] == 200
+    assert post("/ingest", b"plain text from curl, ssn 123-45-6789")[1]["duplicate"]
+    assert post("/ingest", b"x" * 600)[0] == 413
+    assert post("/ingest", b"{bad", "application/json")[0] == 400
+    assert post("/ingest", json.dumps({"txt": "no"}).encode(), "application/json")[0] == 400
+    assert post("/ingest", b"\xff\xfe")[0] == 400
+    assert post("/nowhere", b"")[0] == 404
+    assert post("/pause", b"") == (200, {"paused": True})
+    assert post("/ingest", b"while paused")[0] == 409
+    assert post("/resume", b"")[1] == {"paused": False}
+  finally:
+    server.shutdown()
+    server.server_close()
+  text = spooled(capture)
+  assert "ssn <SSN>" in text and "123-45-6789" not in text and "json text" in text
+  assert " push 10 editor\n" in text and "while paused" not in text
+
+
+@pytest.mark.e2e
+def test_the_command_captures_until_sigterm_and_once(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  folder = tmp_path / "watched"
+  folder.mkdir()
+  (folder / "a.txt").write_text("first file, mail bo@example.net\n")
+  spool = tmp_path / "spool"
+  args = [sys.executable, "-m", "streamlearn.capture", "--spool", str(spool), "--set",
+          f'capture.folders=["{folder}"]', "--set", f'capture.push="127.0.0.1:{port}"',
+          "--set", "capture.poll_seconds=0.2", "--set", "capture.settle_seconds=0"]
+  refused = subprocess.run(args[:5] + ["--set", 'capture.push="0.0.0.0:1"'], capture_output=True,
+                           text=True)
+  assert refused.returncode == 2 and "not loopback" in refused.stderr
+  running = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+  try:
+    line = running.stderr.readline()
+    while "capturing into" not in line and line:
+      line = running.stderr.readline()
+    (folder / "b.txt").write_text("second file, written while it runs\n")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/ingest", body=b"pushed text")
+    assert conn.getresponse().status == 200
+    deadline = time.monotonic() + 20
+    while "second file" not in "".join(p.read_text() for p in spool.glob("segment-*.txt")):
+      assert time.monotonic() < deadline
+      time.sleep(0.1)
+    running.send_signal(signal.SIGTERM)
+    assert running.wait(timeout=20) == 0
+  finally:
+    if running.poll() is None:
+      running.kill()
+  text = "".join(p.read_text() for p in spool.glob("segment-*.txt"))
+  assert "bo@example.net" not in text and "<EMAIL>" in text and "pushed text" in text
+  once = subprocess.run([sys.executable, "-m", "streamlearn.capture", "--once", "--stdin",
+                         "--spool", str(spool)], input="from stdin\n", capture_output=True,
+                        text=True)
+  assert once.returncode == 0 and "captured 1 item(s)" in once.stderr
