@@ -218,3 +218,82 @@ def test_the_command_captures_until_sigterm_and_once(tmp_path):
                          "--spool", str(spool)], input="from stdin\n", capture_output=True,
                         text=True)
   assert once.returncode == 0 and "captured 1 item(s)" in once.stderr
+
+
+# --- the learner reads the spool ------------------------------------------------------------
+
+def filled_spool(root: Path, n: int = 30) -> tuple[Spool, list[str]]:
+  capture = Capture(load_config(None, []).capture, Spool(root, segment_bytes=600))
+  texts = [f"item {i}: the quick brown fox {i * 7} jumps\n" * (1 + i % 3) for i in range(n)]
+  for i, text in enumerate(texts):
+    capture.offer(Item(text, "push", f"client {i}"))
+  capture.spool.close()
+  return capture.spool, texts
+
+
+def test_a_spool_streams_its_items_text_and_resumes_at_every_position(tmp_path):
+  from streamlearn.data.sources import SpoolSource, open_source
+  spool, texts = filled_spool(tmp_path / "spool")
+  assert spool.manifest.segment >= 3  # sealed segments and an open one
+  source = open_source(str(tmp_path / "spool"), max_file_bytes=10**6, block_bytes=16)
+  assert isinstance(source, SpoolSource)
+  blocks = list(source.blocks())
+  want = "".join(t + "\n" for t in texts).encode()
+  assert b"".join(b.data for b in blocks) == want  # the texts, never a header
+  assert sum(b.new_document for b in blocks) == len(texts)
+  for k, block in enumerate(blocks):
+    rest = b"".join(b.data for b in source.blocks(block.position))
+    assert rest == b"".join(b.data for b in blocks[k + 1:]), k
+
+
+def test_following_a_spool_waits_for_the_next_sealed_segment(tmp_path):
+  from streamlearn.data.sources import SpoolSource
+  spool, texts = filled_spool(tmp_path / "spool")
+  source = SpoolSource(tmp_path / "spool", follow=True, poll_seconds=0.05)
+  stream = source.blocks()
+  seen = b""
+  sealed_text = "".join(t + "\n" for t in texts[:-1]).encode()
+  while len(seen) < len(sealed_text) - 200:  # the sealed segments, at once
+    seen += next(stream).data
+  later = threading.Timer(0.3, spool.seal)  # capture seals the open segment a moment later
+  later.start()
+  started = time.monotonic()
+  want = "".join(t + "\n" for t in texts).encode()
+  while len(seen) < len(want):
+    seen += next(stream).data
+  assert seen == want and time.monotonic() - started >= 0.25
+
+
+@pytest.mark.e2e
+def test_a_learner_follows_the_spool_and_a_resume_learns_each_byte_once(tmp_path):
+  from streamlearn.cli.run import main as run_main
+  from safety_runs import SAFE
+  spool, texts = filled_spool(tmp_path / "spool", n=60)
+  spool.seal()
+  total = sum(len((t + "\n").encode()) for t in texts)
+  run_dir = tmp_path / "run"
+  learner = subprocess.Popen(
+      [sys.executable, "-m", "streamlearn.run", *SAFE, "--data", str(tmp_path / "spool"),
+       "--follow", "--run-dir", str(run_dir)], stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 120
+    while True:  # it learns every sealed byte (a version every 10 chunks of 64), then waits
+      registry = run_dir / "registry.json"
+      versions = json.loads(registry.read_text())["versions"] if registry.exists() else []
+      if versions and (versions[-1]["bytes"] or 0) >= total - 11 * 64:
+        break
+      assert time.monotonic() < deadline and learner.poll() is None
+      time.sleep(0.3)
+    time.sleep(2.0)
+    assert learner.poll() is None  # following: still waiting for more
+    learner.send_signal(signal.SIGTERM)
+    assert learner.wait(timeout=60) == 0, learner.stderr.read()[-2000:]
+  finally:
+    if learner.poll() is None:
+      learner.kill()
+  stopped = json.loads((run_dir / "registry.json").read_text())["versions"][-1]["bytes"]
+  assert total - 64 < stopped <= total  # all but what waits to fill a chunk
+  # The rest, without --follow: each byte learned once in all, the headers never.
+  assert run_main(SAFE + ["--data", str(tmp_path / "spool"), "--run-dir", str(run_dir),
+                          "--resume"]) == 0
+  assert json.loads((run_dir / "registry.json").read_text())["versions"][-1]["bytes"] == total

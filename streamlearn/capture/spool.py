@@ -4,18 +4,13 @@
     SPOOL/segment-000001.json   its manifest: samples, bytes, sources, redactions, ...
     SPOOL/seen.txt              the sha256 of every item captured (duplicates are dropped)
 
-An item is written as
-
-    \\x1e<time> <collector> <bytes> <source>\\n<text>\\n
-
-(`\\x1e`, the ASCII record separator, never appears in captured text: `add`
-replaces it; <bytes> is the length of <text>\\n in UTF-8), appended and fsynced
-before the next: a `kill -9` loses at most the item being written, and a
-reader that meets a torn last item (shorter than its header says) leaves it. A segment is sealed when it holds 90% of
-`segment_bytes` ("training ready": its manifest says `sealed`, and a line is
-logged); the next item starts the next segment at once, so capture never waits
-for training. Only text that went through `prep` (redacted, deduplicated) is
-ever given to `Spool.add`.
+Items are written in the format of `streamlearn/data/spoolfile.py`, appended and
+fsynced one by one: a `kill -9` loses at most the item being written, and a
+reader that meets a torn last item (shorter than its header says) leaves it.
+A segment is sealed when it holds 90% of `segment_bytes` ("training ready": its
+manifest says `sealed`, and a line is logged); the next item starts the next
+segment at once, so capture never waits for training. Only text that went
+through `Capture.offer` (redacted, deduplicated) is ever given to `Spool.add`.
 """
 
 from __future__ import annotations
@@ -26,17 +21,16 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 
+from streamlearn.data import spoolfile
 from streamlearn.disk import write_atomic
 
 log = logging.getLogger("streamlearn.capture")
 
-SEPARATOR = "\x1e"
+SEPARATOR = spoolfile.SEPARATOR.decode()
 SEAL_FRACTION = 0.9  # a segment this full is training ready
-_SEGMENT = re.compile(r"segment-(\d{6})\.txt$")
 
 
 @dataclasses.dataclass
@@ -78,7 +72,7 @@ class Spool:
     self.segment_bytes = segment_bytes
     self._seen = self._load_seen()
     numbers = sorted(int(m.group(1)) for p in self.directory.iterdir()
-                     if (m := _SEGMENT.match(p.name)))
+                     if (m := spoolfile.SEGMENT.match(p.name)))
     last = numbers[-1] if numbers else 0
     manifest = self._read_manifest(last) if last else None
     if manifest is None or manifest.sealed:
@@ -89,10 +83,10 @@ class Spool:
   # --- the files -------------------------------------------------------------------------
 
   def segment_path(self, number: int) -> Path:
-    return self.directory / f"segment-{number:06d}.txt"
+    return spoolfile.segment_path(self.directory, number)
 
   def manifest_path(self, number: int) -> Path:
-    return self.directory / f"segment-{number:06d}.json"
+    return spoolfile.manifest_path(self.directory, number)
 
   def _read_manifest(self, number: int) -> Manifest | None:
     try:
@@ -179,11 +173,5 @@ def _append_synced(path: Path, data: bytes) -> None:
 def read_segment(path: str | Path) -> list[tuple[str, str]]:
   """[(header, text)] of a segment's whole items (a torn last item is left out)."""
   data = Path(path).read_bytes()
-  items = []
-  for record in data.split(SEPARATOR.encode())[1:]:
-    header, _, body = record.partition(b"\n")
-    fields = header.split(b" ", 3)
-    if len(fields) < 3 or not fields[2].isdigit() or len(body) != int(fields[2]):
-      break  # being written (or torn by a crash): not an item yet
-    items.append((header.decode("utf-8", "replace"), body[:-1].decode("utf-8", "replace")))
-  return items
+  return [(header.decode("utf-8", "replace"), data[start:end - 1].decode("utf-8", "replace"))
+          for header, start, end in spoolfile.items(data)]

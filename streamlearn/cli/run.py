@@ -1,11 +1,12 @@
 """The main job: a µLM reads a stream and learns from it while it predicts.
 
     streamlearn run --config configs/default.toml [--data PATH|-]      (or python -m streamlearn.run)
-        [--max-bytes N] [--run-dir DIR] [--resume] [--set key=value ...]
+        [--follow] [--max-bytes N] [--run-dir DIR] [--resume] [--set key=value ...]
         [--coordinator HOST:PORT --num-processes N --process-id I]
 
 With no --data the stream is this interpreter's standard library (.py files):
-real text on every machine. The run directory (checkpoints/<name>/ unless
+real text on every machine. A capture spool (`streamlearn capture`) streams its
+items; with --follow it then waits for capture to seal the next segment. The run directory (checkpoints/<name>/ unless
 --run-dir) gets TensorBoard events in tb/, rotating Orbax versions in
 versions/, the config and the frozen tokenizer. Ctrl-C (or SIGTERM) writes a
 final version and exits cleanly; --resume continues from the latest version at
@@ -27,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="run configuration (TOML); built-in defaults when omitted")
   parser.add_argument("--data", metavar="PATH|-",
                       help="a text file, a directory, or - for stdin (default: the Python stdlib)")
+  parser.add_argument("--follow", action="store_true",
+                      help="--data is a capture spool or a growing file: at its end, wait for "
+                           "more (until Ctrl-C, SIGTERM or --max-bytes)")
   parser.add_argument("--max-bytes", type=int, metavar="N",
                       help="stop after streaming N bytes in this invocation")
   parser.add_argument("--run-dir", metavar="DIR", help="run directory (default checkpoints/<name>)")
@@ -67,8 +71,10 @@ def command(args: argparse.Namespace) -> int:
   from streamlearn.store.rundir import RunError
 
   try:
+    if args.follow and args.data in (None, "-"):
+      return error("--follow needs --data: a capture spool or a growing file")
     session, progress = open_session(config, run_dir=args.run_dir, data=args.data,
-                                     resume=args.resume)
+                                     resume=args.resume, follow=args.follow)
   except (SourceError, RunError) as err:
     return error(str(err))
   return run(session, progress, max_bytes=args.max_bytes)

@@ -11,11 +11,18 @@ block it comes with:
   {"kind": "file",  "path": str, "offset": int}
   {"kind": "dir",   "root": str, "file": relpath, "offset": int}
   {"kind": "stdin", "offset": int}
+  {"kind": "spool", "root": str, "segment": int, "offset": int}
 
 "After" because a learner checkpoints once it has consumed a block: saving that
 block's position and later calling `blocks(start=position)` continues with
 exactly the next byte, with nothing repeated and nothing lost. A "before"
 position would make every resume replay the last block.
+
+A capture spool (`streamlearn capture`'s directory of segments, data/spoolfile.py)
+streams the text of its items, never their headers, each item a document; its
+offset is a byte offset in the segment file. With `follow`, a spool streams its
+sealed segments and then waits for the next to be sealed, and a file waits for
+more bytes at its end: the learner trains while capture fills the next segment.
 
 A directory position names its file by path relative to the root, using '/'
 (sorted listings are ordered by that string, so the order is platform-stable),
@@ -44,10 +51,14 @@ import os
 import stat
 import sys
 import sysconfig
+import time
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+from streamlearn.data import spoolfile
+
 __all__ = ["Block", "SourceError", "Source", "FileSource", "DirectorySource", "StdinSource",
+           "SpoolSource",
            "stdlib_source", "open_source", "DEFAULT_BLOCK_BYTES"]
 
 DEFAULT_BLOCK_BYTES = 65536
@@ -107,6 +118,14 @@ class Source(abc.ABC):
     self.name = name
     self.block_bytes = _positive_int("block_bytes", block_bytes)
     self.skipped: collections.Counter = collections.Counter()
+    # Called (if set) each time a followed source waits for more: the learner finishes
+    # what it can meanwhile (a version being written is registered).
+    self.on_wait = None
+
+  def _wait(self, seconds: float) -> None:
+    if self.on_wait is not None:
+      self.on_wait()
+    time.sleep(seconds)
 
   @abc.abstractmethod
   def blocks(self, start: dict | None = None) -> Iterator[Block]:
@@ -121,9 +140,10 @@ class FileSource(Source):
 
   kind = "file"
 
-  def __init__(self, path: str | os.PathLike, *, block_bytes: int = DEFAULT_BLOCK_BYTES):
+  def __init__(self, path: str | os.PathLike, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
+               follow: bool = False, poll_seconds: float = 1.0):
     super().__init__(os.fspath(path), block_bytes=block_bytes)
-    self.path = os.fspath(path)
+    self.path, self.follow, self.poll_seconds = os.fspath(path), follow, poll_seconds
 
   def blocks(self, start: dict | None = None) -> Iterator[Block]:
     """The file's bytes from `start`; a single file is streamed even if binary."""
@@ -140,7 +160,13 @@ class FileSource(Source):
       if offset:
         self._seek(f, offset)
       first = offset == 0
-      while data := self._read(f):
+      while True:
+        data = self._read(f)
+        if not data:
+          if not self.follow:
+            return
+          self._wait(self.poll_seconds)  # a growing file: wait for more at its end
+          continue
         offset += len(data)
         yield Block(data, {"kind": self.kind, "path": self.path, "offset": offset}, first)
         first = False
@@ -295,6 +321,54 @@ class StdinSource(Source):
       offset += len(data)
 
 
+class SpoolSource(Source):
+  """A capture spool's items in order, segment by segment (see data/spoolfile.py)."""
+
+  kind = "spool"
+
+  def __init__(self, root: str | os.PathLike, *, follow: bool = False,
+               poll_seconds: float = 1.0, block_bytes: int = DEFAULT_BLOCK_BYTES):
+    super().__init__(os.fspath(root), block_bytes=block_bytes)
+    self.root, self.follow, self.poll_seconds = os.fspath(root), follow, poll_seconds
+
+  def blocks(self, start: dict | None = None) -> Iterator[Block]:
+    offset = _start_offset(start, self.kind, self.name)
+    segment = 1
+    if start is not None:
+      segment = start.get("segment")
+      if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
+        raise SourceError(f"{self.name}: cannot resume from {start!r}: 'segment' must be >= 1")
+    return self._blocks(segment, offset)
+
+  def _blocks(self, segment: int, offset: int) -> Iterator[Block]:
+    first = min((int(m.group(1)) for p in os.scandir(self.root)
+                 if (m := spoolfile.SEGMENT.match(p.name))), default=segment)
+    segment = max(segment, first)  # segments before the first were consumed and removed
+    while True:
+      path = spoolfile.segment_path(self.root, segment)
+      sealed = spoolfile.sealed(self.root, segment)
+      if self.follow and not sealed:
+        self._wait(self.poll_seconds)  # capture is filling it: wait until it is sealed
+        continue
+      try:
+        data = path.read_bytes()
+      except FileNotFoundError:
+        return  # not following: every segment read
+      except OSError as err:
+        raise SourceError(f"{path}: {_why(err)}") from None
+      for _, start, end in spoolfile.items(data):
+        if end <= offset:
+          continue
+        for begin in range(max(start, offset), end, self.block_bytes):
+          chunk = data[begin:min(begin + self.block_bytes, end)]
+          position = {"kind": self.kind, "root": self.root, "segment": segment,
+                      "offset": begin + len(chunk)}
+          yield Block(chunk, position, begin == start)
+      if not sealed:
+        return  # the open segment, read to its last whole item
+      segment, offset = segment + 1, 0
+
+
 def stdlib_source(*, max_file_bytes: int,
                   block_bytes: int = DEFAULT_BLOCK_BYTES) -> DirectorySource:
   """The embedded default: the running interpreter's standard-library .py files."""
@@ -304,8 +378,10 @@ def stdlib_source(*, max_file_bytes: int,
                          name=f"stdlib ({root})")
 
 
-def open_source(spec: str | None, *, max_file_bytes: int, block_bytes: int) -> Source:
-  """None: the stdlib; "-": stdin; a directory: every file in it; otherwise one file."""
+def open_source(spec: str | None, *, max_file_bytes: int, block_bytes: int,
+                follow: bool = False) -> Source:
+  """None: the stdlib; "-": stdin; a capture spool: its items; a directory: every file in
+  it; otherwise one file. `follow`: a spool or a file waits for more at its end."""
   _positive_int("max_file_bytes", max_file_bytes)
   if spec is None:
     return stdlib_source(max_file_bytes=max_file_bytes, block_bytes=block_bytes)
@@ -317,11 +393,16 @@ def open_source(spec: str | None, *, max_file_bytes: int, block_bytes: int) -> S
     st = os.stat(spec)
   except OSError as err:
     raise SourceError(f"{spec}: {_why(err)}") from None
+  if follow and not (stat.S_ISDIR(st.st_mode) and spoolfile.is_spool(spec)
+                     or stat.S_ISREG(st.st_mode)):
+    raise SourceError(f"{spec}: --follow reads a capture spool or a growing file")
+  if stat.S_ISDIR(st.st_mode) and spoolfile.is_spool(spec):
+    return SpoolSource(spec, follow=follow, block_bytes=block_bytes)
   if stat.S_ISDIR(st.st_mode):
     return DirectorySource(spec, max_file_bytes=max_file_bytes, block_bytes=block_bytes,
                            exclude_dirs=TOOL_DIRS)
   # Anything else that exists (a regular file, a FIFO, a device) streams as one file.
-  return FileSource(spec, block_bytes=block_bytes)
+  return FileSource(spec, block_bytes=block_bytes, follow=follow)
 
 
 class _WarmupSource(Source):
@@ -331,6 +412,15 @@ class _WarmupSource(Source):
     super().__init__(inner.name, block_bytes=inner.block_bytes)
     self.inner, self.first_blocks, self.rest = inner, first_blocks, rest
     self.skipped = inner.skipped
+
+  @property
+  def on_wait(self):
+    return getattr(self.inner, "on_wait", None)
+
+  @on_wait.setter
+  def on_wait(self, fn):
+    if hasattr(self, "inner"):
+      self.inner.on_wait = fn
 
   def blocks(self, start=None):
     if start is not None:

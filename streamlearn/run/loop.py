@@ -79,6 +79,7 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
                   StatusLine(config.log.progress_seconds),
                   (time.monotonic(), progress.totals.bytes))
   streams = Streams(session, max_bytes)
+  session.source.on_wait = session.finish_saving  # following: registered while it waits
   chunks = streams.open(progress.position)
   report.saved = progress.totals.chunks if progress.position is not None else None
   report.attempted = progress.totals.chunks
@@ -104,6 +105,7 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
         progress.state, metrics = session.step_fn(progress.state, device_chunk(chunk))
         alarm = book(session, progress, report, *in_flight) if in_flight else None
         in_flight = (metrics, chunk)
+        session.register_if_saved()
         # --- a checkpoint, a swarm event or an alarm: book this chunk too, then act.
         # (A swarm's event comes after the chunk that crosses its interval: the same
         # point on a resume.)

@@ -140,6 +140,12 @@ class Session:
         self.failed_in_a_row = 0
     self.register()
 
+  def register_if_saved(self) -> None:
+    """Registers the version being written once it is on disk, without waiting for it (so
+    registry.json is current while a run waits for data)."""
+    if self._unregistered is not None and not self.checkpointer.saving():
+      self.finish_saving()
+
   @property
   def gave_up_saving(self) -> bool:
     return self.failed_in_a_row >= self.config.checkpoint.max_failed_saves
@@ -215,7 +221,7 @@ class Session:
 
 
 def open_session(config: Config, *, run_dir: str | None, data: str | None,
-                 resume: bool) -> tuple[Session, Progress]:
+                 resume: bool, follow: bool = False) -> tuple[Session, Progress]:
   """Opens a run directory (checkpoints/<name> by default) for a new run or a resumed one.
 
   Raises RunError or SourceError, with a one-line message, when it cannot.
@@ -226,7 +232,7 @@ def open_session(config: Config, *, run_dir: str | None, data: str | None,
                    f"{jax.device_count()} devices in {jax.process_count()} processes; "
                    f"make it a multiple of {jax.device_count()}")
   source = open_source(data, max_file_bytes=config.data.max_file_bytes,
-                       block_bytes=config.data.block_bytes)
+                       block_bytes=config.data.block_bytes, follow=follow)
   if resume and not (path / CONFIG_FILE).exists():
     raise RunError(f"{path}: no run to resume (no {CONFIG_FILE})")
   if not resume and ((path / CONFIG_FILE).exists() or (path / "versions").exists()):

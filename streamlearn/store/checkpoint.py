@@ -260,6 +260,10 @@ class Checkpointer:
     state = jax.tree.map(jnp.asarray, state)
     return Restored(step, state, record, dict(restored["tokenizer"]), [])
 
+  def saving(self) -> bool:
+    """Whether a version is still being written in the background."""
+    return self._writing is not None and self._manager.is_saving_in_progress()
+
   def wait(self) -> None:
     """Blocks until every started save is on disk; SaveError if the last one failed."""
     try:
