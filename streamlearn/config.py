@@ -178,6 +178,8 @@ class ServeConfig:
   max_concurrent: int = 2     # generations at once; more wait up to queue_seconds, then 503
   queue_seconds: float = 30.0
   remember_answers: int = 10_000  # answers that can still be rated
+  learn_from_use: bool = False  # prompts and liked answers go to the capture spool
+                                # (capture.spool), redacted, for a learner that follows it
 
 
 @dataclasses.dataclass(frozen=True)

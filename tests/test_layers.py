@@ -12,7 +12,8 @@ nothing is imported to check it.
     swarm                          learn, store and below
     run, capture                   swarm and below
     api                            run and below: the Python API
-    serve, daemon                  api and below (serve uses the API's learner)
+    serve, daemon                  api, capture and below (serve uses the API's learner, and
+                                   writes what users liked into a capture spool)
     cli                            on top
     entry points                   the root package and `__main__` modules: import anything,
                                    imported by nothing
@@ -35,7 +36,7 @@ ALLOWED = {
     "learn": _LEARN,
     "swarm": _SWARM,
     "run": _RUN, "capture": _RUN - {"swarm", "learn", "nn", "kernels"},
-    "serve": _RUN | {"api"},
+    "serve": _RUN | {"api", "capture"},
     "daemon": _RUN | {"api", "capture", "serve"},
     "api": _RUN,
     "cli": _RUN | {"api", "capture", "serve", "daemon"},

@@ -79,13 +79,13 @@ def test_the_bandit_state_survives_a_restart(tmp_path):
 # --- the server ------------------------------------------------------------------------------
 
 class Served:
-  def __init__(self, run_dir: Path, cfg, tmp: Path):
+  def __init__(self, run_dir: Path, cfg, tmp: Path, use=None):
     self.run_dir, self.cfg = run_dir, cfg
     self.bandit = Bandit(cfg.policy, cfg.explore, cfg.discount, seed=0)
     self.pool = Pool([run_dir], cfg.pool, self.bandit, cfg.keep_best)
     self.pool.refresh()
     self.state = tmp / "serve.json"
-    self.service = Service(self.pool, self.bandit, cfg, self.state)
+    self.service = Service(self.pool, self.bandit, cfg, self.state, use)
     self.server = make_server(self.service, "127.0.0.1", 0)
     self.port = self.server.server_address[1]
     self.url = f"http://127.0.0.1:{self.port}"
@@ -255,6 +255,27 @@ def test_a_token_is_required_when_set(finished_run, tmp_path):
   finally:
     s.server.shutdown()
     s.server.server_close()
+
+
+def test_prompts_and_liked_answers_flow_back_redacted_into_a_spool(finished_run, tmp_path):
+  from streamlearn.capture.collect import Capture
+  from streamlearn.capture.spool import Spool, read_segment
+  config = load_config(None, ["serve.learn_from_use=true"])
+  use = Capture(config.capture, Spool(tmp_path / "spool", config.capture.segment_bytes))
+  s = Served(finished_run.run_dir, config.serve, tmp_path, use)
+  try:
+    answers = [s.json("POST", "/api/generate", {
+        "prompt": f"note {i}: mail ann@example.com ", "stream": False,
+        "options": {"num_predict": 20, "seed": i}})[1] for i in range(2)]
+    assert s.json("POST", "/api/feedback", {"id": answers[0]["id"], "score": 1})[0] == 200
+    assert s.json("POST", "/api/feedback", {"id": answers[1]["id"], "score": -1})[0] == 200
+  finally:
+    s.server.shutdown()
+    s.server.server_close()
+  texts = [text for _, text in read_segment(use.spool.segment_path(1))]
+  assert texts[:2] == ["note 0: mail <EMAIL> ", "note 1: mail <EMAIL> "]
+  liked = "note 0: mail <EMAIL> " + answers[0]["response"]
+  assert texts[2:] == [liked] and "ann@example.com" not in "".join(texts)
 
 
 # --- the command, with a learner saving in another process ------------------------------------

@@ -56,7 +56,8 @@ def command(args: argparse.Namespace) -> int:
     if value is not None:
       overrides.append(f"serve.{key}={value}" if key != "host" else f'serve.host="{value}"')
   try:
-    cfg = load_config(args.config, overrides).serve
+    config = load_config(args.config, overrides)
+    cfg = config.serve
   except (ConfigError, OSError) as err:
     return error(str(err))
   if not _loopback(cfg.host):
@@ -74,10 +75,17 @@ def command(args: argparse.Namespace) -> int:
   bandit = Bandit(cfg.policy, cfg.explore, cfg.discount)
   if bandit.load(state):
     log.info(f"bandit state from {state}")
+  use = None
+  if cfg.learn_from_use:  # prompts and liked answers into the capture spool, redacted
+    from streamlearn.capture.collect import Capture
+    from streamlearn.capture.spool import Spool
+    spool_dir = Path(config.capture.spool or Path("checkpoints") / config.name / "captures")
+    use = Capture(config.capture, Spool(spool_dir, config.capture.segment_bytes))
+    log.info(f"learning from use: prompts and liked answers go to {spool_dir}")
   pool = Pool(run_dirs, cfg.pool, bandit, cfg.keep_best)
   pool.refresh()
   try:
-    server = make_server(Service(pool, bandit, cfg, state), cfg.host, cfg.port)
+    server = make_server(Service(pool, bandit, cfg, state, use), cfg.host, cfg.port)
   except OSError as err:
     return error(f"cannot listen on {cfg.host}:{cfg.port} ({err.strerror})")
   host, port = server.server_address[:2]
@@ -94,6 +102,9 @@ def command(args: argparse.Namespace) -> int:
   finally:
     stop.set()
     server.server_close()
+    if use is not None:
+      with use.lock:
+        use.spool.close()
   log.info("stopped")
   return 0
 

@@ -36,6 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata, resources
 from pathlib import Path
 
+from streamlearn.capture.collect import Capture
+from streamlearn.capture.spool import Item
 from streamlearn.config import ServeConfig
 from streamlearn.serve.bandit import Bandit
 from streamlearn.serve.pool import Model, Pool
@@ -152,8 +154,12 @@ def _iso(t: float) -> str:
 class Service:
   """What the handlers share: the pool, the bandit, the answers awaiting feedback."""
 
-  def __init__(self, pool: Pool, bandit: Bandit, cfg: ServeConfig, state_path: Path | None):
+  def __init__(self, pool: Pool, bandit: Bandit, cfg: ServeConfig, state_path: Path | None,
+               use: Capture | None = None):
+    """`use`: where prompts and liked answers go when the models learn from their use
+    (serve.learn_from_use): a capture spool, redacted and deduplicated like any capture."""
     self.pool, self.bandit, self.cfg, self.state_path = pool, bandit, cfg, state_path
+    self.use = use
     self.slots = threading.BoundedSemaphore(cfg.max_concurrent)
     self.answers: collections.OrderedDict[str, dict] = collections.OrderedDict()
     self.lock = threading.Lock()  # the bandit and the answers
@@ -179,9 +185,18 @@ class Service:
         return model
     raise BadRequest(503, "no model in the pool yet (is a run directory's first version saved?)")
 
-  def remember(self, request_id: str, model_id: str) -> None:
+  def remember(self, request_id: str, model_id: str, prompt: str) -> None:
+    if self.use is not None and prompt.strip():
+      self.use.offer(Item(prompt, "use", f"prompt to {model_id}"))
     with self.lock:
-      self.answers[request_id] = {"model": model_id, "rated": False}
+      self.answers[request_id] = {"model": model_id, "rated": False, "prompt": prompt,
+                                  "text": None}
+
+  def answered(self, request_id: str, text: str) -> None:
+    """The whole answer, kept (while it can be rated) for learning from a thumbs up."""
+    with self.lock:
+      if request_id in self.answers:
+        self.answers[request_id]["text"] = text
       while len(self.answers) > self.cfg.remember_answers:
         self.answers.popitem(last=False)
 
@@ -203,12 +218,16 @@ class Service:
         raise BadRequest(409, f"answer {request_id!r} is rated already")
       answer["rated"] = True
       self.bandit.rate(answer["model"], float(score))
+      liked = score >= 0.5 and answer["text"]
       arm = self.bandit.arms[answer["model"]]
       if self.state_path is not None:
         try:
           self.bandit.save(self.state_path)
         except OSError as err:
           log.warning(f"warning: {self.state_path} not written ({err.strerror})")
+    if liked and self.use is not None:  # a liked answer, in its prompt's context
+      self.use.offer(Item(answer["prompt"] + answer["text"], "use",
+                          f"liked answer of {answer['model']}"))
     return {"id": request_id, "model": answer["model"], "posterior": arm.mean,
             "ratings": arm.ratings}
 
@@ -327,7 +346,7 @@ class Handler(BaseHTTPRequestHandler):
     if not self.service.slots.acquire(timeout=self.service.cfg.queue_seconds):
       raise BadRequest(503, "busy: every generation slot is taken; try again")
     request_id = "cmpl-" + secrets.token_hex(12)
-    self.service.remember(request_id, model.id)
+    self.service.remember(request_id, model.id, request.prompt)
     return model, request_id, _Drawing(model.learner.stream(
         request.prompt, max_tokens=request.max_tokens, temperature=request.temperature,
         top_k=request.top_k, top_p=request.top_p,
@@ -355,13 +374,16 @@ class Handler(BaseHTTPRequestHandler):
 
     with pieces as drawn:
       if not request.stream:
-        self._send_json(200, last("".join(drawn)))
+        text = "".join(drawn)
+        self.service.answered(request_id, text)
+        self._send_json(200, last(text))
         return
       self._start_stream("application/x-ndjson")
       text = []
       for piece in drawn:
         text.append(piece)
         self._chunk(json.dumps(line(response=piece, done=False)).encode() + b"\n")
+    self.service.answered(request_id, "".join(text))
     self._chunk(json.dumps(last("".join(text))).encode() + b"\n")
     self._end_stream()
 
@@ -422,6 +444,7 @@ class Handler(BaseHTTPRequestHandler):
     with pieces as drawn:
       if not request.stream:
         text = "".join(drawn)
+        self.service.answered(request_id, text)
         self._send_json(200, completion(text, *finish(text)))
         return
       self._start_stream("text/event-stream")
@@ -429,6 +452,7 @@ class Handler(BaseHTTPRequestHandler):
       for piece in drawn:
         text.append(piece)
         self._chunk(b"data: " + json.dumps(completion(piece, None)).encode() + b"\n\n")
+    self.service.answered(request_id, "".join(text))
     reason, usage = finish("".join(text))
     self._chunk(b"data: " + json.dumps(completion("", reason, usage)).encode() + b"\n\n")
     self._chunk(b"data: [DONE]\n\n")
