@@ -3,6 +3,7 @@
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +106,12 @@ def capture(tmp_path):
   return Capture(cfg, Spool(tmp_path / "spool", cfg.segment_bytes))
 
 
+@pytest.fixture
+def media_capture(tmp_path):  # files up to the default 1 MiB: images and recordings are larger
+  cfg = load_config(None, ["capture.settle_seconds=0"]).capture
+  return Capture(cfg, Spool(tmp_path / "spool", cfg.segment_bytes))
+
+
 def spooled(capture) -> str:
   capture.spool.close()
   return "".join(p.read_text() for p in sorted(capture.spool.directory.glob("segment-*")))
@@ -138,7 +145,7 @@ def test_folders_take_small_text_files_once_and_nothing_sensitive(capture, tmp_p
   manifest = json.loads(capture.spool.manifest_path(1).read_text())
   assert manifest["duplicates"] == 1 and manifest["redactions"] == {"EMAIL": 1}
   assert manifest["skipped"] == {"too large": 1, "binary": 1, "not UTF-8": 1,
-                                 "image or audio (OCR and speech are not built yet)": 1,
+                                 "not an image it can read (UnidentifiedImageError)": 1,
                                  "not a regular file": 2}  # the FIFO, the file link
   # (the directory link is never followed: os.walk without followlinks)
   assert "ann@example.com" not in json.dumps(manifest)
@@ -218,6 +225,58 @@ def test_the_command_captures_until_sigterm_and_once(tmp_path):
                          "--spool", str(spool)], input="from stdin\n", capture_output=True,
                         text=True)
   assert once.returncode == 0 and "captured 1 item(s)" in once.stderr
+
+
+# --- images and speech ------------------------------------------------------------------------
+
+def words(text: str) -> list[str]:
+  return [w.strip(".,;:!?").lower() for w in text.split() if w.strip(".,;:!?")]
+
+
+@pytest.mark.skipif(shutil.which("tesseract") is None,
+                    reason="no tesseract (Debian: apt-get install tesseract-ocr)")
+def test_an_image_in_a_watched_folder_is_read_and_redacted(media_capture, tmp_path):
+  capture = media_capture
+  from PIL import Image, ImageDraw, ImageFont
+  sentence = "The quarterly report is due on Friday; mail it to bob@example.com please."
+  image = Image.new("RGB", (1200, 100), "white")
+  try:
+    font = ImageFont.truetype("DejaVuSans.ttf", 28)
+  except OSError:
+    font = ImageFont.load_default(size=28)
+  ImageDraw.Draw(image).text((20, 30), sentence, fill="black", font=font)
+  folder = tmp_path / "shots"
+  folder.mkdir()
+  image.save(folder / "note.png")
+  Image.new("RGB", (200, 100), "white").save(folder / "blank.png")
+  assert Folders(capture, [str(folder)]).scan() == 1
+  text = spooled(capture)
+  read = words(text.split("ocr ", 1)[1])
+  want = words(sentence.replace("bob@example.com", ""))
+  assert sum(w in read for w in want) >= 0.9 * len(want), text
+  assert "bob@example.com" not in text and "<EMAIL>" in text
+  manifest = json.loads(capture.spool.manifest_path(1).read_text())
+  assert manifest["skipped"] == {"no text in the image": 1}
+
+
+@pytest.mark.skipif(shutil.which("flite") is None, reason="no flite (Debian: apt-get install flite)")
+def test_speech_in_a_watched_folder_is_heard(media_capture, tmp_path):
+  capture = media_capture
+  sentence = "the weather is nice today and i want to go home"
+  folder = tmp_path / "voice"
+  folder.mkdir()
+  subprocess.run(["flite", "-t", sentence, "-o", str(folder / "memo.wav")], check=True)
+  with open(folder / "silence.wav", "wb") as f:
+    import wave
+    with wave.open(f, "wb") as w:
+      w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+      w.writeframes(b"\0\0" * 16000)
+  assert Folders(capture, [str(folder)]).scan() == 1
+  text = spooled(capture)
+  heard = words(text.split("speech ", 1)[1])
+  assert sum(w in heard for w in words(sentence)) >= 0.7 * len(words(sentence)), text
+  assert json.loads(capture.spool.manifest_path(1).read_text())["skipped"] == {
+      "no speech heard": 1}
 
 
 # --- the learner reads the spool ------------------------------------------------------------

@@ -16,6 +16,7 @@ Collectors here:
   unchanged one never (`files.json` in the spool remembers size and mtime).
   `watchdog` (inotify) wakes the scan at once where it is installed; a poll
   every `capture.poll_seconds` is the fallback and the safety net.
+- Images (OCR) and WAV recordings (speech) dropped in a watched folder: media.py.
 - push: see push.py (`POST /ingest` on loopback) and stdin (`--stdin`).
 """
 
@@ -31,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+from streamlearn.capture import media
 from streamlearn.capture.redact import redact
 from streamlearn.capture.spool import Item, Spool
 from streamlearn.config import CaptureConfig
@@ -198,10 +200,9 @@ class Folders:
     if st.st_size > self.cfg.max_file_bytes:
       self.capture.skip("too large", str(path))
       return 0
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff",
-                               ".wav", ".mp3", ".ogg", ".flac"):
-      self.capture.skip("image or audio (OCR and speech are not built yet)", str(path))
-      return 0
+    suffix = path.suffix.lower()
+    if suffix in media.IMAGE_SUFFIXES or suffix in media.AUDIO_SUFFIXES:
+      return self._media(path, suffix)
     try:
       with open(path, "rb") as f:
         data = f.read(self.cfg.max_file_bytes + 1)
@@ -222,6 +223,19 @@ class Folders:
     if not text.strip():
       return 0
     return int(self.capture.offer(Item(text, "folders", str(path))) > 0)
+
+  def _media(self, path: Path, suffix: str) -> int:
+    """An image through OCR, a recording through speech recognition."""
+    image = suffix in media.IMAGE_SUFFIXES
+    try:
+      text = media.image_text(path) if image else media.speech_text(path)
+    except media.MediaError as err:
+      self.capture.skip(str(err), str(path))
+      return 0
+    if not text.strip():
+      self.capture.skip("no text in the image" if image else "no speech heard", str(path))
+      return 0
+    return int(self.capture.offer(Item(text, "ocr" if image else "speech", str(path))) > 0)
 
   def _included(self, relative: Path) -> bool:
     name = str(relative)
