@@ -197,6 +197,10 @@ class CaptureConfig:
   segment_bytes: int = 4_194_304   # a segment is sealed ("training ready") at 90% of this
   poll_seconds: float = 2.0   # folders are rescanned this often (watchdog wakes it sooner)
   settle_seconds: float = 1.0  # a file unchanged this long has finished being written
+  screen_seconds: float = 0.0  # look at the screen this often (OCR when it changed; 0: off)
+  window_blocklist: tuple[str, ...] = (  # regexes: a window whose title matches is never grabbed
+      r"(?i)password|passwort|1password|bitwarden|keepass|lastpass|dashlane|enpass|keychain",
+      r"(?i)private browsing|incognito|inprivate|private window|tor browser")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +286,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "capture.max_file_bytes": _POSITIVE, "capture.max_item_bytes": _POSITIVE,
     "capture.max_push_bytes": _POSITIVE, "capture.segment_bytes": _POSITIVE,
     "capture.poll_seconds": _POSITIVE, "capture.settle_seconds": _NON_NEGATIVE,
+    "capture.screen_seconds": _NON_NEGATIVE,
 }
 
 

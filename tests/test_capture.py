@@ -279,6 +279,43 @@ def test_speech_in_a_watched_folder_is_heard(media_capture, tmp_path):
       "no speech heard": 1}
 
 
+@pytest.fixture
+def screen_with_text(monkeypatch):
+  """A virtual display (Xvfb) showing a real xterm window with a known sentence."""
+  if shutil.which("Xvfb") is None or shutil.which("xterm") is None:
+    pytest.skip("no Xvfb or xterm (Debian: apt-get install xvfb xterm)")
+  display = subprocess.Popen(["Xvfb", "-displayfd", "1", "-screen", "0", "900x200x24",
+                              "-nolisten", "tcp"], stdout=subprocess.PIPE, text=True)
+  number = display.stdout.readline().strip()
+  monkeypatch.setenv("DISPLAY", f":{number}")
+  sentence = "The meeting moved to Thursday at noon in room four"
+  window = subprocess.Popen(["xterm", "-geometry", "80x4+0+0", "-fa", "DejaVuSansMono",
+                             "-fs", "14", "-e", "sh", "-c", f"echo {sentence}; sleep 60"])
+  time.sleep(1.5)  # the window maps and draws its text
+  yield sentence
+  window.kill()
+  display.kill()
+  window.wait()
+  display.wait()
+
+
+def test_the_screen_is_read_once_until_it_changes_and_blocked_windows_never(
+    media_capture, screen_with_text, monkeypatch):
+  from streamlearn.capture import screen as screen_module
+  screen = screen_module.Screen(media_capture)
+  assert screen.unavailable() is None
+  assert screen.grab() == 1
+  assert screen.grab() == 0  # the same screen: not read again
+  text = spooled(media_capture)
+  seen = words(text.split("screen ", 1)[1])
+  want = words(screen_with_text)
+  assert sum(w in seen for w in want) >= 0.9 * len(want), text
+  monkeypatch.setattr(screen_module, "active_window_title", lambda: "Vault - KeePassXC")
+  screen._last_pixels = None  # as if the screen changed: the title alone keeps it out
+  assert screen.grab() == 0
+  assert media_capture.spool.manifest.skipped == {"a blocked window": 1}
+
+
 # --- the learner reads the spool ------------------------------------------------------------
 
 def filled_spool(root: Path, n: int = 30) -> tuple[Spool, list[str]]:

@@ -4,8 +4,9 @@
         [--set capture.KEY=VALUE ...]
     streamlearn capture --config configs/capture.toml --pause | --resume
 
-Watches `capture.folders` for small text files and, when `capture.push` is set,
-takes text on `POST /ingest` (loopback). Everything is redacted and deduplicated
+Watches `capture.folders` for small text files, images (OCR) and WAV recordings
+(speech), reads the screen every `capture.screen_seconds` (OCR; 0: off) and, when
+`capture.push` is set, takes text on `POST /ingest` (loopback). Everything is redacted and deduplicated
 in memory before it is written (streamlearn/capture/). `--once` takes what is
 there now and exits; otherwise it runs until Ctrl-C or SIGTERM (exit code 0,
 everything received so far on disk). `--pause` / `--resume` ask a running
@@ -21,6 +22,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -101,23 +103,36 @@ def command(args: argparse.Namespace) -> int:
     text = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     if text.strip():
       capture.offer(Item(text, "stdin", "stdin"))
+  screen = None
+  if cfg.screen_seconds > 0:
+    from streamlearn.capture.screen import Screen
+    screen = Screen(capture)
+    if (why := screen.unavailable()) is not None:
+      log.warning(f"screen: not captured: {why}; the other collectors go on")
+      screen = None
   stop = threading.Event()
   try:
     if args.once:
       folders.scan(settled=False)
+      if screen is not None:
+        screen.grab()
     else:
       signal.signal(signal.SIGTERM, lambda *_: stop.set())
       folders.watch()
       log.info(f"capturing into {spool_dir} ({len(cfg.folders)} folder(s)"
                f"{', push on ' + cfg.push if server else ''}); Ctrl-C stops")
-      was_paused = False
+      was_paused, next_look = False, 0.0
       while not stop.is_set():
         if capture.paused.is_set() != was_paused:
           was_paused = capture.paused.is_set()
           log.info("paused: nothing is captured" if was_paused else "resumed")
         if not was_paused:
           folders.scan(settled=True)
-        folders.wake.wait(cfg.poll_seconds)
+          if screen is not None and time.monotonic() >= next_look:
+            screen.grab()
+            next_look = time.monotonic() + cfg.screen_seconds
+        wait = cfg.poll_seconds if screen is None else min(cfg.poll_seconds, cfg.screen_seconds)
+        folders.wake.wait(wait)
         folders.wake.clear()
   except KeyboardInterrupt:
     pass
