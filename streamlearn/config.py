@@ -195,6 +195,8 @@ class CaptureConfig:
   max_item_bytes: int = 262_144    # longer texts are split into items of at most this
   max_push_bytes: int = 1_048_576  # a larger push gets 413
   segment_bytes: int = 4_194_304   # a segment is sealed ("training ready") at 90% of this
+  max_bytes: int = 1_073_741_824   # over this, the oldest learned segments are deleted (0: never)
+  max_age_days: float = 0.0   # learned segments older than this are deleted (0: never)
   poll_seconds: float = 2.0   # folders are rescanned this often (watchdog wakes it sooner)
   settle_seconds: float = 1.0  # a file unchanged this long has finished being written
   screen_seconds: float = 0.0  # look at the screen this often (OCR when it changed; 0: off)
@@ -286,7 +288,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "capture.max_file_bytes": _POSITIVE, "capture.max_item_bytes": _POSITIVE,
     "capture.max_push_bytes": _POSITIVE, "capture.segment_bytes": _POSITIVE,
     "capture.poll_seconds": _POSITIVE, "capture.settle_seconds": _NON_NEGATIVE,
-    "capture.screen_seconds": _NON_NEGATIVE,
+    "capture.screen_seconds": _NON_NEGATIVE, "capture.max_bytes": _NON_NEGATIVE,
+    "capture.max_age_days": _NON_NEGATIVE,
 }
 
 

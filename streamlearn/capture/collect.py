@@ -101,13 +101,20 @@ class Capture:
           self.spool.duplicate()
           self.totals["duplicates"] += 1
           continue
+        sealed = self.spool.sealed_events
         self.spool.add(Item(text, item.collector, item.source), counts)
+        if self.spool.sealed_events != sealed:  # a segment sealed: room to make?
+          self.prune()
         self.totals["captured"] += 1
         self.totals["bytes"] += len(text.encode("utf-8"))
         written += 1
       if not written:
         self.spool.write_manifest()
     return written
+
+  def prune(self) -> list[int]:
+    """Learned segments past the byte or age cap go (the caller holds the lock)."""
+    return self.spool.prune(self.cfg.max_bytes, self.cfg.max_age_days * 86400.0)
 
   def skip(self, why: str, what: str) -> None:
     """Counts a skipped input; one line per kind a minute (never its contents)."""

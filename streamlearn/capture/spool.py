@@ -58,6 +58,7 @@ class Manifest:
   redactions: dict = dataclasses.field(default_factory=dict)   # kind -> count (never values)
   duplicates: int = 0
   skipped: dict = dataclasses.field(default_factory=dict)      # why -> count
+  paused_seconds: float = 0.0  # time capture was paused while this segment was open
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -78,6 +79,7 @@ class Spool:
     if manifest is None or manifest.sealed:
       manifest = Manifest(segment=last + 1)
     self.manifest = manifest
+    self._cut_torn_tail()
     self.sealed_events = 0
 
   # --- the files -------------------------------------------------------------------------
@@ -94,6 +96,23 @@ class Spool:
     except (OSError, ValueError, TypeError):
       size = self.segment_path(number).stat().st_size if self.segment_path(number).exists() else 0
       return Manifest(segment=number, bytes=size)  # a crash before the first manifest
+
+  def _cut_torn_tail(self) -> None:
+    """A crash mid-item left part of it at the open segment's end: cut it, so the next
+    item starts on a whole one (the torn item was never acknowledged as captured)."""
+    path = self.segment_path(self.manifest.segment)
+    try:
+      data = path.read_bytes()
+    except FileNotFoundError:
+      return
+    whole = spoolfile.items(data)
+    end = whole[-1][2] if whole else 0
+    if end < len(data):
+      with open(path, "r+b") as f:
+        f.truncate(end)
+        os.fsync(f.fileno())
+      log.warning(f"{path}: cut a torn item at its end ({len(data) - end} bytes, left by a crash)")
+    self.manifest.samples, self.manifest.bytes = len(whole), end
 
   def _load_seen(self) -> set[str]:
     try:
@@ -153,6 +172,33 @@ class Spool:
     log.info(f"segment {m.segment} sealed, training ready: {m.samples} items, "
              f"{m.bytes:,} bytes ({self.segment_path(m.segment)})")
     self.manifest = Manifest(segment=m.segment + 1)
+
+  def prune(self, max_bytes: int, max_age_s: float) -> list[int]:
+    """Deletes the oldest sealed segments while the spool holds over `max_bytes` (0: no cap)
+    or they are older than `max_age_s` (0: no limit) — only those the learner following the
+    spool no longer needs (its consumed.json); returns the segments deleted."""
+    if not max_bytes and not max_age_s:
+      return []
+    needed = spoolfile.consumed(self.directory)
+    numbers = sorted(int(m.group(1)) for p in self.directory.iterdir()
+                     if (m := spoolfile.SEGMENT.match(p.name)))
+    total = sum(self.segment_path(n).stat().st_size for n in numbers)
+    removed = []
+    for n in numbers:
+      if n >= needed or n >= self.manifest.segment:
+        break
+      manifest = self._read_manifest(n)
+      too_old = max_age_s and time.time() - (manifest.sealed_at or manifest.started) > max_age_s
+      if not manifest.sealed or not (too_old or (max_bytes and total > max_bytes)):
+        break
+      total -= self.segment_path(n).stat().st_size
+      self.segment_path(n).unlink()
+      self.manifest_path(n).unlink(missing_ok=True)
+      removed.append(n)
+    if removed:
+      log.info(f"spool: deleted learned segment(s) {', '.join(map(str, removed))} "
+               f"({'over capture.max_bytes' if max_bytes and not too_old else 'too old'})")
+    return removed
 
   def close(self) -> None:
     if self.manifest.samples or self.manifest.duplicates or self.manifest.skipped:

@@ -121,11 +121,20 @@ def command(args: argparse.Namespace) -> int:
       folders.watch()
       log.info(f"capturing into {spool_dir} ({len(cfg.folders)} folder(s)"
                f"{', push on ' + cfg.push if server else ''}); Ctrl-C stops")
-      was_paused, next_look = False, 0.0
+      was_paused, next_look, paused_at = False, 0.0, 0.0
       while not stop.is_set():
         if capture.paused.is_set() != was_paused:
           was_paused = capture.paused.is_set()
-          log.info("paused: nothing is captured" if was_paused else "resumed")
+          if was_paused:
+            paused_at = time.monotonic()
+            log.info("paused: nothing is captured")
+          else:
+            with capture.lock:  # the paused time goes into the open segment's manifest
+              spool.manifest.paused_seconds += time.monotonic() - paused_at
+              spool.write_manifest()
+            log.info(f"resumed after {time.monotonic() - paused_at:.0f} s paused")
+        with capture.lock:
+          capture.prune()  # the age cap applies between seals too
         if not was_paused:
           folders.scan(settled=True)
           if screen is not None and time.monotonic() >= next_look:

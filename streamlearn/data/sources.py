@@ -411,7 +411,7 @@ class _WarmupSource(Source):
   def __init__(self, inner: Source, first_blocks: list[Block], rest):
     super().__init__(inner.name, block_bytes=inner.block_bytes)
     self.inner, self.first_blocks, self.rest = inner, first_blocks, rest
-    self.skipped = inner.skipped
+    self.skipped, self.kind = inner.skipped, inner.kind
 
   @property
   def on_wait(self):

@@ -25,6 +25,7 @@ import numpy as np
 
 from streamlearn.config import Config, config_to_dict
 from streamlearn.data.sources import Source, open_source, read_warmup
+from streamlearn.data.spoolfile import write_consumed
 from streamlearn.data.stream import TokenStream
 from streamlearn.data.tokenizer import Tokenizer, make_tokenizer
 from streamlearn.disk import why, write_atomic
@@ -199,6 +200,28 @@ class Session:
     self.registry.sync(self.checkpointer.all_steps(), self.read_record)
     self.set_members()
     self.registry.write()
+    if self.source.kind == "spool" and is_primary():
+      self._mark_consumed()
+
+  def _mark_consumed(self) -> None:
+    """Tells capture which spool segments this run no longer needs: those before the
+    segment of every learned version it keeps (a rollback or a restore may go back to any of
+    them). Capture deletes only those, and only past its byte or age cap."""
+    segments = []
+    for entry in self.registry.kept():
+      if entry["step"] == ORIGINAL_STEP:
+        continue
+      try:
+        position = (self.read_record(entry["step"]).get("position") or {}).get("source") or {}
+      except VersionError:
+        continue
+      if position.get("kind") == "spool" and same_source(position.get("root"), self.source):
+        segments.append(int(position["segment"]))
+    if segments:
+      try:
+        write_consumed(self.source.name, min(segments), self.run_dir)
+      except OSError as err:
+        log.warning(f"warning: {self.source.name}: consumed.json not written ({why(err)})")
 
   def read_record(self, step: int) -> dict:
     return self.checkpointer.read_record(step)[0]
