@@ -316,6 +316,22 @@ def test_the_screen_is_read_once_until_it_changes_and_blocked_windows_never(
   assert media_capture.spool.manifest.skipped == {"a blocked window": 1}
 
 
+@pytest.mark.skipif(shutil.which("flite") is None, reason="no flite (Debian: apt-get install flite)")
+def test_a_number_said_aloud_is_redacted(media_capture, tmp_path):
+  folder = tmp_path / "voice"
+  folder.mkdir()
+  subprocess.run(["flite", "-t", "my phone number is five five five one two three four five "
+                  "six seven", "-o", str(folder / "call.wav")], check=True)
+  assert Folders(media_capture, [str(folder)]).scan() == 1
+  text = spooled(media_capture).split("speech ", 1)[1]
+  assert "<NUMBER>" in text and "phone number" in text and not any(
+      w in text for w in ("five five", "one two three"))
+  out, counts = redact("bob at example dot com, then one two three four five six seven eight",
+                       spoken=True)
+  assert out == "<EMAIL>, then <NUMBER>" and counts == {"EMAIL": 1, "NUMBER": 1}
+  assert redact("I saw one or two of them at nine", spoken=True)[1] == {}
+
+
 # --- the learner reads the spool ------------------------------------------------------------
 
 def filled_spool(root: Path, n: int = 30) -> tuple[Spool, list[str]]:

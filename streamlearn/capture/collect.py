@@ -96,7 +96,7 @@ class Capture:
     written = 0
     with self.lock:
       for piece in split_text(item.text, self.cfg.max_item_bytes):
-        text, counts = redact(piece)
+        text, counts = redact(piece, spoken=item.collector == "speech")
         if self.spool.seen(text):
           self.spool.duplicate()
           self.totals["duplicates"] += 1

@@ -70,8 +70,15 @@ _PHONE = re.compile(
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
 _IPV6 = re.compile(r"(?<![\w:])(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f:]{2,39}(?:%\w+)?(?![\w:])")
 
+# Speech spells things out: "five five five one two three four", "bob at example dot com".
+_NUMBER_WORD = r"(?:zero|oh|one|two|three|four|five|six|seven|eight|nine|double \w+)"
+_SPOKEN_NUMBER = re.compile(rf"(?i)\b{_NUMBER_WORD}(?:[ ,-]+{_NUMBER_WORD}){{6,}}\b")
+_SPOKEN_EMAIL = re.compile(
+    r"(?i)\b[a-z0-9]+(?: (?:dot|underscore) [a-z0-9]+)* at [a-z0-9]+(?: dot [a-z0-9]+)*"
+    r" dot (?:com|org|net|edu|gov|io|co|uk|de|fr|info|biz|me)\b")
+
 KINDS = ("PRIVATE_KEY", "JWT", "TOKEN", "CREDENTIALS", "SECRET", "EMAIL", "IBAN", "CARD", "SSN",
-         "PHONE", "IP")
+         "PHONE", "IP", "NUMBER")
 
 
 def _literal(value: str) -> bool:
@@ -122,9 +129,14 @@ def _ipv4_ok(text: str) -> bool:
   return not (address.is_loopback or address.is_unspecified)  # 127.0.0.1 and 0.0.0.0
 
 
-def redact(text: str) -> tuple[str, collections.Counter]:
-  """(the text with every finding replaced by <KIND>, the count per kind)."""
+def redact(text: str, spoken: bool = False) -> tuple[str, collections.Counter]:
+  """(the text with every finding replaced by <KIND>, the count per kind). `spoken`: the
+  text is transcribed speech, where seven or more digits said one by one are a <NUMBER>
+  (a phone, a card, an account) and "name at host dot com" is an <EMAIL>."""
   counts: collections.Counter = collections.Counter()
+  if spoken:
+    for pattern, kind in ((_SPOKEN_EMAIL, "EMAIL"), (_SPOKEN_NUMBER, "NUMBER")):
+      text = pattern.sub(lambda m, kind=kind: (counts.update([kind]), f"<{kind}>")[1], text)
 
   def sub(pattern: re.Pattern, kind: str, s: str, check=None, group: int = 0,
           keep: str = "") -> str:
