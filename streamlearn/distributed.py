@@ -13,6 +13,12 @@ plain case of all of this: every call here is then free.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +34,51 @@ def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id)
+
+
+# A peer silent this long has died: say so and stop, well before JAX's own heartbeat
+# timeout (100 s), after which it aborts with a page of C++ trace.
+PEER_TIMEOUT_S = 30.0
+_BEAT_S = 2.0
+
+log = logging.getLogger("streamlearn.run")
+
+
+def watch_peers(run_dir: str | os.PathLike, timeout_s: float | None = None) -> None:
+  """Several processes: each touches run_dir/.alive/<process> every few seconds, and stops
+  with one line (exit code 3) when another has not for `timeout_s`. Mtimes are compared
+  with their own earlier values, never with this host's clock. The versions on disk stay:
+  `--resume` goes on from the newest complete one."""
+  if not several():
+    return
+  timeout_s = PEER_TIMEOUT_S if timeout_s is None else timeout_s
+  me, folder = jax.process_index(), Path(run_dir) / ".alive"
+  folder.mkdir(parents=True, exist_ok=True)
+  mine = folder / str(me)
+  mine.touch()
+  others = [p for p in range(jax.process_count()) if p != me]
+  seen = {p: (None, time.monotonic()) for p in others}  # (mtime, when it last changed)
+
+  def watch():
+    while True:
+      time.sleep(_BEAT_S)
+      mine.touch()
+      now = time.monotonic()
+      for p in others:
+        try:
+          mtime = (folder / str(p)).stat().st_mtime_ns
+        except OSError:
+          mtime = None
+        if mtime != seen[p][0]:
+          seen[p] = (mtime, now)
+        elif now - seen[p][1] > timeout_s:
+          log.error(f"error: process {p} stopped answering (no sign of it for "
+                    f"{now - seen[p][1]:.0f} s); this process stops too; --resume continues "
+                    f"from the newest complete version")
+          sys.stderr.flush()
+          os._exit(3)
+
+  threading.Thread(target=watch, name="watch-peers", daemon=True).start()
 
 
 def several() -> bool:

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -379,3 +380,34 @@ def test_nan_updates_in_a_swarm_roll_the_whole_swarm_back(tmp_path):
   checkpointer.close()
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
   np.testing.assert_array_equal(state.lr_scale, np.full(4, 0.5, np.float32))
+
+
+@pytest.mark.e2e
+def test_a_process_that_dies_stops_the_other_with_one_line(tmp_path):
+  # JAX alone would wait for its heartbeat timeout (100 s), then abort with a C++ trace.
+  data = tmp_path / "text.txt"
+  data.write_bytes(stdlib_text(400_000))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "PYTHONPATH": str(ROOT)}
+  port = free_port()
+  children = [subprocess.Popen(
+      [sys.executable, "-m", "streamlearn.run", *CLI_SWARM, "--data", str(data), "--run-dir",
+       str(tmp_path / "run"), "--coordinator", f"localhost:{port}", "--num-processes", "2",
+       "--process-id", str(i), "--peer-timeout", "5"],
+      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "run" / "registry.json").exists():  # both are learning
+      assert time.monotonic() < deadline and all(c.poll() is None for c in children)
+      time.sleep(0.2)
+    children[1].kill()
+    killed = time.monotonic()
+    _, err = children[0].communicate(timeout=60)
+    took = time.monotonic() - killed
+  finally:
+    for c in children:
+      if c.poll() is None:
+        c.kill()
+  lines = [line for line in err.splitlines() if line.strip() and "B/s" not in line]
+  assert children[0].returncode == 3 and took < 30, (took, err[-2000:])
+  assert lines[-1].startswith("error: process 1 stopped answering"), err[-2000:]

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="several processes: how many in all")
   parser.add_argument("--process-id", type=int, metavar="I",
                       help="several processes: this one's index, 0 .. N-1")
+  parser.add_argument("--peer-timeout", type=float, default=None, metavar="S",
+                      help="several processes: stop when another gives no sign of life for "
+                           "S seconds (default 30)")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -65,6 +68,7 @@ def command(args: argparse.Namespace) -> int:
 
     dist.initialize(*distributed)
   # JAX loads only once the arguments are good.
+  from streamlearn import distributed as dist
   from streamlearn.data.sources import SourceError
   from streamlearn.run.loop import run
   from streamlearn.run.session import open_session
@@ -73,6 +77,10 @@ def command(args: argparse.Namespace) -> int:
   try:
     if args.follow and args.data in (None, "-"):
       return error("--follow needs --data: a capture spool or a growing file")
+    if args.peer_timeout is not None:
+      if args.peer_timeout <= 0:
+        return error("--peer-timeout must be > 0")
+      dist.PEER_TIMEOUT_S = args.peer_timeout
     session, progress = open_session(config, run_dir=args.run_dir, data=args.data,
                                      resume=args.resume, follow=args.follow)
   except (SourceError, RunError) as err:

@@ -29,7 +29,7 @@ from streamlearn.data.spoolfile import write_consumed
 from streamlearn.data.stream import TokenStream
 from streamlearn.data.tokenizer import Tokenizer, make_tokenizer
 from streamlearn.disk import why, write_atomic
-from streamlearn.distributed import barrier, host_copy, is_primary, several
+from streamlearn.distributed import barrier, host_copy, is_primary, several, watch_peers
 from streamlearn.learn.build import build
 from streamlearn.learn.prequential import Totals
 from streamlearn.learn.state import LearnerState, Predictor
@@ -263,6 +263,7 @@ def open_session(config: Config, *, run_dir: str | None, data: str | None,
                    f"or pick another --run-dir / --set name=...")
   barrier("run-dir-checked")  # several processes: all looked before process 0 writes
   path.mkdir(parents=True, exist_ok=True)
+  watch_peers(path)  # several processes: one that dies stops the others within seconds
   lock = lock_run(path)
   try:
     opened = (_resume if resume else _fresh)(config, path, source, lock)
