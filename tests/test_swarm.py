@@ -233,9 +233,9 @@ def free_port() -> int:
 
 @pytest.fixture
 def two_processes(tmp_path_factory):
-  """The first part of the CLI test's split run (1,280 bytes) as one swarm over two
-  processes of 2 CPU devices each, sharing one run directory; it runs in the
-  background while the test runs its own in this process."""
+  """The first part of the CLI test's split run (1,280 bytes, then resumed to 1,920) as one
+  swarm over two processes of 2 CPU devices each, sharing one run directory; it runs in
+  the background while the test runs its own in this process."""
   where = tmp_path_factory.mktemp("two-processes")
   data = where / "text.txt"
   data.write_bytes(stdlib_text(2600))
@@ -271,7 +271,12 @@ def two_processes(tmp_path_factory):
         break
     errors.extend(failed)
 
-  thread = threading.Thread(target=run, args=("--max-bytes", "1280"))
+  def both_parts():
+    run("--max-bytes", "1280")
+    if not errors:  # a resume over two processes too, up to 1,920 bytes
+      run("--resume", "--max-bytes", "640")
+
+  thread = threading.Thread(target=both_parts)
   thread.start()
 
   def result():
@@ -330,7 +335,8 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processe
   with pytest.raises(VersionError, match="not in this version"):
     Learner.load(straight, member=0 if 0 not in members["slots"] else 10_000)
   # Two processes (2 devices each) sharing one run directory made the same first part,
-  # and it resumes in one process (its versions read whole) into the same run.
+  # resumed it over two processes, and it resumes in one process (its versions read
+  # whole) into the same run.
   shared = two_processes()  # its own copy of the text: a resume goes on in the same file
   assert main(CLI_SWARM + ["--data", str(shared.parent / "text.txt"), "--run-dir", str(shared),
                            "--resume"]) == 0
@@ -341,12 +347,12 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processe
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert theirs == members
   checkpointer = Checkpointer(shared, config.checkpoint)
-  assert checkpointer.all_steps() == Checkpointer(split, config.checkpoint).all_steps()
+  assert checkpointer.latest_step() == Checkpointer(split, config.checkpoint).latest_step()
   # Saved in shards by two processes, read whole by one (as the scripts and the API do).
   swarm = checkpointer.restore(None, abstract_like(initial_state(config, VOCAB, BOS)))[0]
   close(swarm, states[1], rtol=1e-4, atol=1e-5)  # 41 steps of rounding apart
   checkpointer.close()
-  assert len(list((shared / "tb").glob("events.out.tfevents.*"))) == 2  # process 0's, then ours
+  assert len(list((shared / "tb").glob("events.out.tfevents.*"))) == 3  # process 0's twice, ours
 
 
 @pytest.mark.e2e
