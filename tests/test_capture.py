@@ -117,7 +117,7 @@ def spooled(capture) -> str:
   return "".join(p.read_text() for p in sorted(capture.spool.directory.glob("segment-*")))
 
 
-def test_folders_take_small_text_files_once_and_nothing_sensitive(capture, tmp_path):
+def test_folders_take_small_text_files_once_and_nothing_sensitive(capture, tmp_path, caplog):
   home = tmp_path / "home"
   (home / ".ssh").mkdir(parents=True)
   (home / ".ssh" / "config").write_text("Host secret-host")
@@ -126,6 +126,8 @@ def test_folders_take_small_text_files_once_and_nothing_sensitive(capture, tmp_p
   (home / "project" / ".env").write_text("DB=secret-env")
   (home / "project" / "server.pem").write_text("secret-pem")
   (home / "notes.txt").write_text("Meet Ann at noon. Her mail: ann@example.com.\n")
+  (home / "to bo@example.org.txt").write_text("A file named after an address.\n")
+  (home / "a cy@example.org.bin").write_bytes(b"\x00skipped, and said")
   (home / "copy.txt").write_text("Meet Ann at noon. Her mail: ann@example.com.\n")
   (home / "big.txt").write_text("x" * 3000)
   (home / "blob.bin").write_bytes(b"\x00\x01binary")
@@ -135,16 +137,19 @@ def test_folders_take_small_text_files_once_and_nothing_sensitive(capture, tmp_p
   (home / "loop").symlink_to(home, target_is_directory=True)
   (home / "link.txt").symlink_to(home / "notes.txt")
   folders = Folders(capture, [str(home)])
-  assert folders.scan() == 1
+  assert folders.scan() == 2
   assert folders.scan() == 0  # nothing changed: nothing read again
   (home / "notes.txt").write_text("Meet Ann at one, not noon.\n")
   assert folders.scan() == 1
   text = spooled(capture)
+  # A path holds PII too: redacted in the item's header and in the log.
+  assert "home/to <EMAIL>" in text and "bo@example.org" not in text
+  assert "cy@example.org" not in caplog.text and "home/a <EMAIL>: binary" in caplog.text
   assert "Meet Ann at noon. Her mail: <EMAIL>." in text and "Meet Ann at one" in text
   assert "ann@example.com" not in text and "secret" not in text
   manifest = json.loads(capture.spool.manifest_path(1).read_text())
   assert manifest["duplicates"] == 1 and manifest["redactions"] == {"EMAIL": 1}
-  assert manifest["skipped"] == {"too large": 1, "binary": 1, "not UTF-8": 1,
+  assert manifest["skipped"] == {"too large": 1, "binary": 2, "not UTF-8": 1,
                                  "not an image it can read (UnidentifiedImageError)": 1,
                                  "not a regular file": 2}  # the FIFO, the file link
   # (the directory link is never followed: os.walk without followlinks)

@@ -102,7 +102,8 @@ class Capture:
           self.totals["duplicates"] += 1
           continue
         sealed = self.spool.sealed_events
-        self.spool.add(Item(text, item.collector, item.source), counts)
+        # The source goes into the item's header: a path or a title may hold PII too.
+        self.spool.add(Item(text, item.collector, redact(item.source)[0]), counts)
         if self.spool.sealed_events != sealed:  # a segment sealed: room to make?
           self.prune()
         self.totals["captured"] += 1
@@ -124,7 +125,7 @@ class Capture:
       now = time.monotonic()
       if now - self._said.get(why, -1e9) >= 60:
         self._said[why] = now
-        log.warning(f"skipped {what}: {why} (more of these are only counted)")
+        log.warning(f"skipped {redact(what)[0]}: {why} (more of these are only counted)")
 
 
 class Folders:
