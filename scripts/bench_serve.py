@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
   from streamlearn.config import load_config
   from streamlearn.serve.bandit import Bandit
   from streamlearn.serve.pool import Pool
-  from streamlearn.serve.server import Service, make_server
+  from streamlearn.serve.server import make_server
+  from streamlearn.serve.service import Service
   import jax
 
   cfg = load_config(None, [f"serve.pool={args.pool}",

@@ -19,7 +19,8 @@ from streamlearn import Learner
 from streamlearn.config import load_config
 from streamlearn.serve.bandit import Bandit
 from streamlearn.serve.pool import Pool
-from streamlearn.serve.server import Service, make_server
+from streamlearn.serve.server import make_server
+from streamlearn.serve.service import Service
 
 from safety_runs import ROOT, SAFE, stdlib_text
 

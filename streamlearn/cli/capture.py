@@ -22,7 +22,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -58,6 +57,7 @@ def _loopback(host: str) -> bool:
 
 def command(args: argparse.Namespace) -> int:
   from streamlearn.capture.collect import Capture, Folders
+  from streamlearn.capture.runner import Running
   from streamlearn.capture.spool import Item, Spool
   from streamlearn.config import ConfigError, load_config
 
@@ -67,95 +67,83 @@ def command(args: argparse.Namespace) -> int:
     return error(str(err))
   cfg = config.capture
   if args.pause or args.resume:
-    if not cfg.push:
-      return error("--pause/--resume talk to a running capture's push endpoint: set capture.push")
-    host, port = _address(cfg.push)
-    try:
-      request = urllib.request.Request(f"http://{host}:{port}/{'pause' if args.pause else 'resume'}",
-                                       data=b"", method="POST")
-      print(json.loads(urllib.request.urlopen(request, timeout=10).read()))
-    except OSError as err:
-      return error(f"no capture answers on {cfg.push} ({err})")
-    return 0
+    return _switch(cfg.push, "pause" if args.pause else "resume")
   spool_dir = Path(args.spool or cfg.spool or Path("checkpoints") / config.name / "captures")
   try:
     spool = Spool(spool_dir, cfg.segment_bytes)
   except OSError as err:
     return error(f"{spool_dir}: cannot use it as the spool ({err.strerror})")
   capture = Capture(cfg, spool)
-  folders = Folders(capture, list(cfg.folders))
   server = None
   if cfg.push and not args.once:
-    try:
-      host, port = _address(cfg.push)
-    except ValueError as err:
-      return error(str(err))
-    if not _loopback(host) and not cfg.allow_remote_push:
-      return error(f"capture.push {cfg.push} is not loopback: set capture.allow_remote_push")
-    from streamlearn.capture.push import make_push_server
-    try:
-      server = make_push_server(capture, host, port)
-    except OSError as err:
-      return error(f"cannot listen on {cfg.push} ({err.strerror})")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    log.info(f"push: POST http://{host}:{server.server_address[1]}/ingest")
+    server = _push_server(capture, cfg)
+    if isinstance(server, int):
+      return server
+  running = Running(capture, Folders(capture, list(cfg.folders)), _screen(capture), server)
   if args.stdin:
     text = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     if text.strip():
       capture.offer(Item(text, "stdin", "stdin"))
-  screen = None
-  if cfg.screen_seconds > 0:
-    from streamlearn.capture.screen import Screen
-    screen = Screen(capture)
-    if (why := screen.unavailable()) is not None:
-      log.warning(f"screen: not captured: {why}; the other collectors go on")
-      screen = None
-  stop = threading.Event()
   try:
     if args.once:
-      folders.scan(settled=False)
-      if screen is not None:
-        screen.grab()
+      running.once()
     else:
+      stop = threading.Event()
       signal.signal(signal.SIGTERM, lambda *_: stop.set())
-      folders.watch()
       log.info(f"capturing into {spool_dir} ({len(cfg.folders)} folder(s)"
                f"{', push on ' + cfg.push if server else ''}); Ctrl-C stops")
-      was_paused, next_look, paused_at = False, 0.0, 0.0
-      while not stop.is_set():
-        if capture.paused.is_set() != was_paused:
-          was_paused = capture.paused.is_set()
-          if was_paused:
-            paused_at = time.monotonic()
-            log.info("paused: nothing is captured")
-          else:
-            with capture.lock:  # the paused time goes into the open segment's manifest
-              spool.manifest.paused_seconds += time.monotonic() - paused_at
-              spool.write_manifest()
-            log.info(f"resumed after {time.monotonic() - paused_at:.0f} s paused")
-        with capture.lock:
-          capture.prune()  # the age cap applies between seals too
-        if not was_paused:
-          folders.scan(settled=True)
-          if screen is not None and time.monotonic() >= next_look:
-            screen.grab()
-            next_look = time.monotonic() + cfg.screen_seconds
-        wait = cfg.poll_seconds if screen is None else min(cfg.poll_seconds, cfg.screen_seconds)
-        folders.wake.wait(wait)
-        folders.wake.clear()
+      running.until(stop)
   except KeyboardInterrupt:
     pass
   finally:
-    folders.stop()
-    if server is not None:
-      server.shutdown()
-    with capture.lock:
-      spool.close()
-  t = capture.totals
-  log.info(f"captured {t['captured']} item(s), {t['bytes']:,} bytes; {t['duplicates']} "
-           f"duplicate(s), {t['skipped']} skipped; spool {spool_dir} "
-           f"(segment {spool.manifest.segment}, {spool.sealed_events} sealed now)")
+    running.close()
+  log.info(running.summary())
   return 0
+
+
+def _switch(push: str, what: str) -> int:
+  """--pause / --resume: asks the running capture through its push endpoint."""
+  if not push:
+    return error("--pause/--resume talk to a running capture's push endpoint: set capture.push")
+  try:
+    host, port = _address(push)
+    request = urllib.request.Request(f"http://{host}:{port}/{what}", data=b"", method="POST")
+    print(json.loads(urllib.request.urlopen(request, timeout=10).read()))
+  except ValueError as err:
+    return error(str(err))
+  except OSError as err:
+    return error(f"no capture answers on {push} ({err})")
+  return 0
+
+
+def _push_server(capture, cfg):
+  """The push endpoint, serving from its threads; or the exit code of a one-line error."""
+  from streamlearn.capture.push import make_push_server
+  try:
+    host, port = _address(cfg.push)
+  except ValueError as err:
+    return error(str(err))
+  if not _loopback(host) and not cfg.allow_remote_push:
+    return error(f"capture.push {cfg.push} is not loopback: set capture.allow_remote_push")
+  try:
+    server = make_push_server(capture, host, port)
+  except OSError as err:
+    return error(f"cannot listen on {cfg.push} ({err.strerror})")
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  log.info(f"push: POST http://{host}:{server.server_address[1]}/ingest")
+  return server
+
+
+def _screen(capture):
+  """The screen collector where it can run (capture.screen_seconds > 0), else None."""
+  if capture.cfg.screen_seconds <= 0:
+    return None
+  from streamlearn.capture.screen import Screen
+  screen = Screen(capture)
+  if (why := screen.unavailable()) is not None:
+    log.warning(f"screen: not captured: {why}; the other collectors go on")
+    return None
+  return screen
 
 
 main = standalone(add_arguments, command, "streamlearn capture", __doc__.splitlines()[0])

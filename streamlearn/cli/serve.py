@@ -49,7 +49,8 @@ def command(args: argparse.Namespace) -> int:
   from streamlearn.config import ConfigError, load_config
   from streamlearn.serve.bandit import Bandit
   from streamlearn.serve.pool import Pool
-  from streamlearn.serve.server import Service, make_server
+  from streamlearn.serve.server import make_server
+  from streamlearn.serve.service import Service
 
   overrides = list(args.set)
   for key, value in (("host", args.host), ("port", args.port), ("pool", args.pool)):
@@ -75,13 +76,7 @@ def command(args: argparse.Namespace) -> int:
   bandit = Bandit(cfg.policy, cfg.explore, cfg.discount)
   if bandit.load(state):
     log.info(f"bandit state from {state}")
-  use = None
-  if cfg.learn_from_use:  # prompts and liked answers into the capture spool, redacted
-    from streamlearn.capture.collect import Capture
-    from streamlearn.capture.spool import Spool
-    spool_dir = Path(config.capture.spool or Path("checkpoints") / config.name / "captures")
-    use = Capture(config.capture, Spool(spool_dir, config.capture.segment_bytes))
-    log.info(f"learning from use: prompts and liked answers go to {spool_dir}")
+  use = _use_spool(config) if cfg.learn_from_use else None
   pool = Pool(run_dirs, cfg.pool, bandit, cfg.keep_best)
   pool.refresh()
   try:
@@ -107,6 +102,16 @@ def command(args: argparse.Namespace) -> int:
         use.spool.close()
   log.info("stopped")
   return 0
+
+
+def _use_spool(config):
+  """Where prompts and liked answers go (serve.learn_from_use): the capture spool, through
+  capture's redaction and dedup."""
+  from streamlearn.capture.collect import Capture
+  from streamlearn.capture.spool import Spool
+  spool_dir = Path(config.capture.spool or Path("checkpoints") / config.name / "captures")
+  log.info(f"learning from use: prompts and liked answers go to {spool_dir}")
+  return Capture(config.capture, Spool(spool_dir, config.capture.segment_bytes))
 
 
 main = standalone(add_arguments, command, "streamlearn serve", __doc__.splitlines()[0])

@@ -72,20 +72,7 @@ def safety_text(progress: Progress, data_shifts: int = 0) -> str:
 
 def run(session: Session, progress: Progress, max_bytes: int | None = None) -> int:
   """Streams until the source ends, max_bytes, or Ctrl-C; returns the exit code."""
-  from streamlearn.store.events import EventWriter  # tensorboardX: imported when a run starts
-
-  config = session.config
-  report = Report(EventWriter(session.run_dir / "tb") if is_primary() else NoWriter(),
-                  StatusLine(config.log.progress_seconds),
-                  (time.monotonic(), progress.totals.bytes))
-  streams = Streams(session, max_bytes)
-  session.source.on_wait = session.finish_saving  # following: registered while it waits
-  chunks = streams.open(progress.position)
-  report.saved = progress.totals.chunks if progress.position is not None else None
-  report.attempted = progress.totals.chunks
-  if progress.position is None:  # a new run: its original state is version 0
-    progress.position = streams.current.start_position
-    save(session, progress, report)
+  report, streams, chunks = start(session, progress, max_bytes)
   in_flight = None  # (metrics on device, chunk) of the step dispatched last
   interrupts = Interrupts()
   try:
@@ -109,52 +96,87 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
         # --- a checkpoint, a swarm event or an alarm: book this chunk too, then act.
         # (A swarm's event comes after the chunk that crosses its interval: the same
         # point on a resume.)
-        due = progress.totals.chunks + 1 - report.attempted >= config.checkpoint.every_chunks
+        due = (progress.totals.chunks + 1 - report.attempted
+               >= session.config.checkpoint.every_chunks)
         evolve = (session.swarm is not None
                   and session.swarm.due(progress.totals.bytes + chunk.n_bytes))
         if not (alarm or due or evolve):
           continue
         last = book(session, progress, report, *in_flight)
         alarm, in_flight = alarm or last, None  # the earlier alarm marks the onset
-        restored = False
-        if alarm:
-          progress, restored, restream = act_on(session, progress, alarm, report)
-          if restream:
-            chunks = streams.open(progress.position)
-        if evolve and not restored:
-          evolve_swarm(session, progress, report)
-        if restored or due:  # a rollback is saved at once
-          save(session, progress, report)
-          if session.gave_up_saving:
-            log.error(f"error: {session.failed_in_a_row} saves in a row failed; stopping; the "
-                      f"newest saved version is {session.checkpointer.latest_step()}")
-            report.unsaved = True
-            break
+        progress, restream, stop = act_between_chunks(session, progress, report, alarm, due,
+                                                      evolve)
+        if restream:
+          chunks = streams.open(progress.position)
+        if stop:
+          break
   except KeyboardInterrupt:
     interrupts.requested = True
   except RollbackError as err:
     log.error(f"error: {err}")
     report.failed = True
   finally:
-    # --- the way out: the last chunk booked, a final version, everything closed
-    alarm = book(session, progress, report, *in_flight) if in_flight else None
-    if alarm:
-      try:
-        progress, _, _ = act_on(session, progress, alarm, report)
-      except RollbackError as err:
-        log.error(f"error: {err}")
-        report.failed = True
-    if not report.unsaved:
-      save(session, progress, report)
-    session.close()  # waits for that save: a failure is one line, and exit code 2
-    drain_save_failures(session, report)
-    report.unsaved = report.unsaved or session.failed_in_a_row > 0
-    report.saved = session.newest_saved
-    report.writer.close()
-    report.status.update(report.text(progress), force=True)
-    report.status.close()
+    progress = finish(session, progress, report, in_flight)
   log.info(summary(session, progress, report, interrupts.requested))
   return 1 if report.failed else 2 if report.unsaved else 0
+
+
+def start(session: Session, progress: Progress, max_bytes: int | None):
+  """(report, streams, chunks) of an invocation; a new run saves its original (version 0)."""
+  from streamlearn.store.events import EventWriter  # tensorboardX: imported when a run starts
+
+  report = Report(EventWriter(session.run_dir / "tb") if is_primary() else NoWriter(),
+                  StatusLine(session.config.log.progress_seconds),
+                  (time.monotonic(), progress.totals.bytes))
+  streams = Streams(session, max_bytes)
+  session.source.on_wait = session.finish_saving  # following: registered while it waits
+  chunks = streams.open(progress.position)
+  report.saved = progress.totals.chunks if progress.position is not None else None
+  report.attempted = progress.totals.chunks
+  if progress.position is None:
+    progress.position = streams.current.start_position
+    save(session, progress, report)
+  return report, streams, chunks
+
+
+def act_between_chunks(session: Session, progress: Progress, report: Report,
+                       alarm: Alarm | None, due: bool, evolve: bool):
+  """A rollback, a swarm event and a save, in that order, once the last chunk is booked.
+  Returns (progress, whether to stream again from progress.position, whether to stop)."""
+  restored = restream = False
+  if alarm:
+    progress, restored, restream = act_on(session, progress, alarm, report)
+  if evolve and not restored:
+    evolve_swarm(session, progress, report)
+  if restored or due:  # a rollback is saved at once
+    save(session, progress, report)
+    if session.gave_up_saving:
+      log.error(f"error: {session.failed_in_a_row} saves in a row failed; stopping; the "
+                f"newest saved version is {session.checkpointer.latest_step()}")
+      report.unsaved = True
+      return progress, restream, True
+  return progress, restream, False
+
+
+def finish(session: Session, progress: Progress, report: Report, in_flight) -> Progress:
+  """The way out: the last chunk booked, a final version, everything closed."""
+  alarm = book(session, progress, report, *in_flight) if in_flight else None
+  if alarm:
+    try:
+      progress, _, _ = act_on(session, progress, alarm, report)
+    except RollbackError as err:
+      log.error(f"error: {err}")
+      report.failed = True
+  if not report.unsaved:
+    save(session, progress, report)
+  session.close()  # waits for that save: a failure is one line, and exit code 2
+  drain_save_failures(session, report)
+  report.unsaved = report.unsaved or session.failed_in_a_row > 0
+  report.saved = session.newest_saved
+  report.writer.close()
+  report.status.update(report.text(progress), force=True)
+  report.status.close()
+  return progress
 
 
 def save(session: Session, progress: Progress, report: Report) -> None:

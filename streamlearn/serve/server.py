@@ -22,230 +22,19 @@ plenty on loopback, and generation itself runs in JAX.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import datetime
 import hashlib
 import json
 import logging
 import secrets
 import threading
 import time
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata, resources
-from pathlib import Path
 
-from streamlearn.capture.collect import Capture
-from streamlearn.capture.spool import Item
-from streamlearn.config import ServeConfig
-from streamlearn.serve.bandit import Bandit
-from streamlearn.serve.pool import Model, Pool
+from streamlearn.serve.protocol import BadRequest, Request, ollama_request, openai_request
+from streamlearn.serve.service import Service, iso
 
 log = logging.getLogger("streamlearn.serve")
-
-AUTO = ("", "auto")  # model names that leave the choice to the bandit
-
-
-class BadRequest(Exception):
-  """A request the server refuses: the status and one line for the client."""
-
-  def __init__(self, status: int, message: str):
-    super().__init__(message)
-    self.status = status
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-  """A completion request, whichever API it came through."""
-  model: str
-  prompt: str
-  stream: bool
-  max_tokens: int
-  temperature: float
-  top_k: int
-  top_p: float
-  repetition_penalty: float
-  stop: tuple[str, ...]
-  seed: int
-
-
-def _number(body: dict, key: str, default, kind=float, lo=None, hi=None):
-  value = body.get(key, default)
-  if value is None:
-    value = default
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-      kind is int and isinstance(value, float) and not value.is_integer()):
-    raise BadRequest(400, f"{key}: expected {'an integer' if kind is int else 'a number'}")
-  value = kind(value)
-  if (lo is not None and value < lo) or (hi is not None and value > hi):
-    raise BadRequest(400, f"{key}: {value} is out of range [{lo}, {hi}]")
-  return value
-
-
-def _stops(value) -> tuple[str, ...]:
-  if value is None:
-    return ()
-  if isinstance(value, str):
-    return (value,)
-  if isinstance(value, list) and all(isinstance(s, str) for s in value) and len(value) <= 8:
-    return tuple(value)
-  raise BadRequest(400, "stop: expected a string or a list of at most 8 strings")
-
-
-def _prompt(value, limit: int) -> str:
-  if isinstance(value, list) and len(value) == 1:  # OpenAI clients may send [prompt]
-    value = value[0]
-  if value is None:
-    value = ""
-  if not isinstance(value, str):
-    raise BadRequest(400, "prompt: expected a string")
-  if len(value) > limit:
-    raise BadRequest(413, f"prompt: {len(value)} characters, at most {limit}")
-  return value
-
-
-def _model_name(value) -> str:
-  if value is None:
-    return ""
-  if not isinstance(value, str):
-    raise BadRequest(400, "model: expected a string")
-  return value
-
-
-def ollama_request(body: dict, cfg: ServeConfig) -> Request:
-  options = body.get("options") or {}
-  if not isinstance(options, dict):
-    raise BadRequest(400, "options: expected an object")
-  stream = body.get("stream", True)
-  if not isinstance(stream, bool):
-    raise BadRequest(400, "stream: expected true or false")
-  return Request(
-      model=_model_name(body.get("model")), prompt=_prompt(body.get("prompt"), cfg.max_prompt_chars),
-      stream=stream,
-      max_tokens=_number(options, "num_predict", cfg.default_tokens, int, 1, cfg.max_tokens),
-      temperature=_number(options, "temperature", 0.8, float, 0.0, 10.0),
-      top_k=_number(options, "top_k", 0, int, 0, 1 << 20),
-      top_p=_number(options, "top_p", 1.0, float, 1e-6, 1.0),
-      repetition_penalty=_number(options, "repeat_penalty", 1.0, float, 0.1, 10.0),
-      stop=_stops(options.get("stop")), seed=_number(options, "seed", 0, int, 0, 2**31 - 1))
-
-
-def openai_request(body: dict, cfg: ServeConfig) -> Request:
-  stream = body.get("stream", False)
-  if not isinstance(stream, bool):
-    raise BadRequest(400, "stream: expected true or false")
-  seed = body.get("seed")
-  return Request(
-      model=_model_name(body.get("model")), prompt=_prompt(body.get("prompt"), cfg.max_prompt_chars),
-      stream=stream,
-      max_tokens=_number(body, "max_tokens", cfg.default_tokens, int, 1, cfg.max_tokens),
-      temperature=_number(body, "temperature", 1.0, float, 0.0, 10.0),
-      top_k=0, top_p=_number(body, "top_p", 1.0, float, 1e-6, 1.0),
-      repetition_penalty=1.0, stop=_stops(body.get("stop")),
-      seed=_number(body, "seed", 0, int, 0, 2**31 - 1) if seed is not None else 0)
-
-
-def _iso(t: float) -> str:
-  return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat().replace(
-      "+00:00", "Z")
-
-
-class Service:
-  """What the handlers share: the pool, the bandit, the answers awaiting feedback."""
-
-  def __init__(self, pool: Pool, bandit: Bandit, cfg: ServeConfig, state_path: Path | None,
-               use: Capture | None = None):
-    """`use`: where prompts and liked answers go when the models learn from their use
-    (serve.learn_from_use): a capture spool, redacted and deduplicated like any capture."""
-    self.pool, self.bandit, self.cfg, self.state_path = pool, bandit, cfg, state_path
-    self.use = use
-    self.slots = threading.BoundedSemaphore(cfg.max_concurrent)
-    self.answers: collections.OrderedDict[str, dict] = collections.OrderedDict()
-    self.lock = threading.Lock()  # the bandit and the answers
-    self.started = time.time()
-
-  def pick(self, name: str) -> Model:
-    if name not in AUTO:
-      model = self.pool.get(name)
-      if model is None:
-        raise BadRequest(404, f"model {name!r} not found (GET /api/tags lists the pool)")
-      with self.lock:
-        self.bandit.add(name)
-        self.bandit.arms[name].pulls += 1
-      return model
-    for _ in range(3):  # the pool may change between the choice and the lookup
-      ids = self.pool.ids()
-      if not ids:
-        break
-      with self.lock:
-        chosen = self.bandit.choose(ids)
-      model = self.pool.get(chosen)
-      if model is not None:
-        return model
-    raise BadRequest(503, "no model in the pool yet (is a run directory's first version saved?)")
-
-  def remember(self, request_id: str, model_id: str, prompt: str) -> None:
-    if self.use is not None and prompt.strip():
-      self.use.offer(Item(prompt, "use", f"prompt to {model_id}"))
-    with self.lock:
-      self.answers[request_id] = {"model": model_id, "rated": False, "prompt": prompt,
-                                  "text": None}
-
-  def answered(self, request_id: str, text: str) -> None:
-    """The whole answer, kept (while it can be rated) for learning from a thumbs up."""
-    with self.lock:
-      if request_id in self.answers:
-        self.answers[request_id]["text"] = text
-      while len(self.answers) > self.cfg.remember_answers:
-        self.answers.popitem(last=False)
-
-  def rate(self, body: dict) -> dict:
-    request_id, score = body.get("id"), body.get("score")
-    if not isinstance(request_id, str):
-      raise BadRequest(400, "id: expected the id of an answer")
-    if isinstance(score, bool) or not isinstance(score, (int, float)):
-      raise BadRequest(400, "score: expected +1, -1 or a number in [0, 1]")
-    if score == -1:
-      score = 0.0
-    if not 0.0 <= score <= 1.0:
-      raise BadRequest(400, "score: expected +1, -1 or a number in [0, 1]")
-    with self.lock:
-      answer = self.answers.get(request_id)
-      if answer is None:
-        raise BadRequest(404, f"answer {request_id!r} not found (too old, or never given)")
-      if answer["rated"]:
-        raise BadRequest(409, f"answer {request_id!r} is rated already")
-      answer["rated"] = True
-      self.bandit.rate(answer["model"], float(score))
-      liked = score >= 0.5 and answer["text"]
-      arm = self.bandit.arms[answer["model"]]
-      if self.state_path is not None:
-        try:
-          self.bandit.save(self.state_path)
-        except OSError as err:
-          log.warning(f"warning: {self.state_path} not written ({err.strerror})")
-    if liked and self.use is not None:  # a liked answer, in its prompt's context
-      self.use.offer(Item(answer["prompt"] + answer["text"], "use",
-                          f"liked answer of {answer['model']}"))
-    return {"id": request_id, "model": answer["model"], "posterior": arm.mean,
-            "ratings": arm.ratings}
-
-  def pool_table(self) -> dict:
-    rows = []
-    with self.lock:
-      for model_id in self.pool.ids():
-        model = self.pool.get(model_id)
-        arm = self.bandit.arms.get(model_id)
-        if model is None or arm is None:
-          continue
-        c = model.candidate
-        rows.append({"id": model_id, "run": str(c.run_dir), "version": c.step,
-                     "member": c.member, "bits_per_byte": c.bits_per_byte,
-                     "pulls": arm.pulls, "ratings": arm.ratings, "posterior": arm.mean,
-                     "alpha": arm.alpha, "beta": arm.beta, "parameters": model.n_params})
-    return {"policy": self.bandit.policy, "explore": self.bandit.explore,
-            "discount": self.bandit.discount, "size": self.pool.size, "models": rows}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -362,7 +151,7 @@ class Handler(BaseHTTPRequestHandler):
     n_prompt = len(model.learner.tokenizer.encode(request.prompt.encode()))
 
     def line(**fields) -> dict:
-      return {"model": model.id, "created_at": _iso(time.time()), "id": request_id, **fields}
+      return {"model": model.id, "created_at": iso(time.time()), "id": request_id, **fields}
 
     def last(text: str) -> dict:
       n = pieces.tokens
@@ -394,7 +183,7 @@ class Handler(BaseHTTPRequestHandler):
       if model is None:
         continue
       models.append({
-          "name": model_id, "model": model_id, "modified_at": _iso(model.loaded_at),
+          "name": model_id, "model": model_id, "modified_at": iso(model.loaded_at),
           "size": model.n_params * 4,
           "digest": hashlib.sha256(model_id.encode()).hexdigest(),
           "details": {"format": "streamlearn", "family": "streamlearn", "families": ["streamlearn"],
