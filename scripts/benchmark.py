@@ -22,7 +22,11 @@ value while B streams (what `--resume --set delta.kl=X` does).
 Streams the first N bytes of the data through the learner with a config
 (default: configs/default.toml's values), score first, then learn, exactly as
 `python -m streamlearn.run` does, and compresses exactly the same bytes with
-gzip -9, bzip2 -9, xz -9e and zstd -19 (a missing tool is skipped and said so).
+gzip -9, bzip2 -9, xz -9e and zstd -19, and the strong anchors zpaq -m5 (context
+mixing) and 7-Zip's PPMd at orders 6, 8, 12 and 16 (the best reported), when
+installed (`apt-get install zpaq p7zip-full`; a missing tool is skipped and said
+so). Every row also gives running bits/byte at 64, 256 and 512 KiB: the
+learner's running total there, a compressor's size on that prefix alone.
 Directory streams (stdlib) put a document token between files, which the
 learner must predict and pay for; the compressors get the plain concatenation.
 
@@ -92,6 +96,12 @@ def ablation(name: str, full_toml: str | Path = _FULL_TOML) -> list[str] | None:
 
 COMPRESSORS = {"gzip": ["gzip", "-9", "-c"], "bzip2": ["bzip2", "-9", "-c"],
                "xz": ["xz", "-9e", "-c"], "zstd": ["zstd", "-19", "-c", "-q"]}
+# The strong anchors (Debian `zpaq`, `p7zip-full`): a context-mixing compressor and
+# PPMd, which write archives, not streams. Each is run on a file in its own folder.
+ANCHORS = {"zpaq": "zpaq", "ppmd": "7z"}
+PPMD_ORDERS = (6, 8, 12, 16)  # 7-Zip's PPMd at each; the table reports the best
+# Running bits/byte at these prefixes (and at the end), so cold start is visible.
+MARKS = (65_536, 262_144, 524_288)
 
 
 def first_bytes(spec: str | None, n: int, config) -> bytes:
@@ -107,19 +117,71 @@ def first_bytes(spec: str | None, n: int, config) -> bytes:
   return b"".join(parts)
 
 
-def classical(data: bytes) -> tuple[dict, list[str]]:
-  """bits/byte of each available compressor on data, and the names of missing ones."""
-  results, missing = {}, []
-  with tempfile.NamedTemporaryFile() as f:
-    f.write(data)
-    f.flush()
-    for name, cmd in COMPRESSORS.items():
-      if shutil.which(cmd[0]) is None:
-        missing.append(name)
-        continue
-      out = subprocess.run(cmd + [f.name], capture_output=True, check=True).stdout
-      results[name] = 8 * len(out) / len(data)
-  return results, missing
+def marks(n: int) -> list[int]:
+  """The prefix lengths running bits/byte is reported at: MARKS below n, then n."""
+  return [m for m in MARKS if m < n] + [n]
+
+
+def _archive_bytes(argv: list[str], archive: str, data: bytes) -> int:
+  """Size of the archive `argv` writes (as `archive`) for data, stored as the file `data`.
+
+  In a fresh folder, with short relative names, so no path inflates the header.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    (Path(tmp) / "data").write_bytes(data)
+    subprocess.run(argv, capture_output=True, check=True, cwd=tmp)
+    return (Path(tmp) / archive).stat().st_size
+
+
+def _zpaq(data: bytes) -> int:
+  return _archive_bytes(["zpaq", "a", "out.zpaq", "data", "-m5", "-t1"], "out.zpaq", data)
+
+
+def _ppmd(order: int):
+  def size(data: bytes) -> int:
+    return _archive_bytes(["7z", "a", "-t7z", f"-m0=PPMd:o={order}:mem=256m", "-mmt=1",
+                           "out.7z", "data"], "out.7z", data)
+  return size
+
+
+def _stream_bytes(cmd: list[str]):
+  def size(data: bytes) -> int:
+    return len(subprocess.run(cmd, input=data, capture_output=True, check=True).stdout)
+  return size
+
+
+def classical(data: bytes) -> tuple[dict, dict, list[str]]:
+  """Each available compressor on data: (name -> bits/byte, name -> {"label", "running"},
+  names of missing tools). `running` maps each of `marks` to the bits/byte of that prefix
+  compressed alone (a compressor sees a prefix as a whole file: its cold start)."""
+  tools = {name: (" ".join(cmd[:2]), [_stream_bytes(cmd)]) for name, cmd in COMPRESSORS.items()}
+  tools["zpaq"] = ("zpaq -m5", [_zpaq])
+  tools["ppmd"] = ("7z PPMd", [_ppmd(order) for order in PPMD_ORDERS])
+  results, details, missing = {}, {}, []
+  for name, (label, sizers) in tools.items():
+    if shutil.which(ANCHORS.get(name) or COMPRESSORS[name][0]) is None:
+      missing.append(name)
+      continue
+    # Several settings (PPMd's orders): the best on the whole data, its running values.
+    runs = [{m: 8 * size(data[:m]) / m for m in marks(len(data))} for size in sizers]
+    best = min(range(len(runs)), key=lambda i: runs[i][len(data)])
+    if name == "ppmd":
+      label += f" o={PPMD_ORDERS[best]} (best of o={','.join(map(str, PPMD_ORDERS))})"
+    results[name] = runs[best][len(data)]
+    details[name] = {"label": label, "running": runs[best],
+                     "all": {str(PPMD_ORDERS[i]): r[len(data)] for i, r in enumerate(runs)}
+                     if name == "ppmd" else {}}
+  return results, details, missing
+
+
+def running_at(curve: list[tuple[int, float]], at: list[int]) -> dict[int, float]:
+  """Running bits/byte at each mark: the first chunk boundary at or past it (a per-chunk curve)."""
+  out = {}
+  for m in at:
+    point = next((bpb for seen, bpb in curve if seen >= m), None)
+    if point is not None:
+      out[m] = point
+  return out
 
 
 def _tokenizer(config, spec):
@@ -162,15 +224,17 @@ def run_config(config_path: str | None, overrides: list[str] | None, spec: str |
   predictor, optimizer, step = build(config, tokenizer.vocab_size)
   state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
   stream = _stream(config, tokenizer, spec, n)
+  # A point every chunk, for the running values at the marks; the report keeps every curve_every-th.
   if overrides is None:
-    result = score_through(make_score(predictor), state.params, state.carry, stream, curve_every)
+    result = score_through(make_score(predictor), state.params, state.carry, stream, 1)
   else:
-    _, result = learn_through(step, state, stream, curve_every)
+    _, result = learn_through(step, state, stream, 1)
   return {"config": name or (Path(config_path).stem if config_path else "default"),
           "overrides": overrides or [], "bpb": result.bits_per_byte,
           "bytes_per_s": result.bytes_per_s, "seconds": result.seconds,
           "bytes": result.bytes, "tokens": result.tokens, "chunks": result.chunks,
-          "curve": result.curve}
+          "running": running_at(result.curve, marks(result.bytes)),
+          "curve": result.curve[curve_every - 1::curve_every] if curve_every else []}
 
 
 def forgetting(config_path: str | None, base_overrides: list[str], a_spec: str, b_spec: str,
@@ -244,10 +308,23 @@ def plot(report: dict, out: str) -> None:
   fig.savefig(out, dpi=110)
 
 
+def _mark_name(m: int) -> str:
+  return f"{m // 1024} KiB" if m % 1024 == 0 else f"{m:,} B"
+
+
+def _running_cells(running: dict, at: list[int]) -> str:
+  # JSON turns the marks into strings: look up either.
+  values = [running.get(m, running.get(str(m))) for m in at]
+  return "".join(f" {v:.3f} |" if v is not None else " |" for v in values)
+
+
 def markdown(report: dict) -> str:
   vanilla = next((r for r in report["runs"] if r["config"] == "vanilla"), None)
-  lines = ["| stream | bytes | method | bits/byte | vs vanilla | bytes/s | speed vs vanilla |",
-           "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+  # Running bits/byte at each mark before the end; the end is the bits/byte column.
+  at = [m for m in MARKS if m < report["bytes"]]
+  heads = "".join(f" at {_mark_name(m)} |" for m in at)
+  lines = [f"| stream | bytes | method |{heads} bits/byte | vs vanilla | bytes/s | speed vs vanilla |",
+           "| --- | ---: | --- |" + " ---: |" * len(at) + " ---: | ---: | ---: | ---: |"]
   for run in report["runs"]:
     label = run["config"]
     if run["overrides"] and not report.get("ablation"):
@@ -256,11 +333,15 @@ def markdown(report: dict) -> str:
     if vanilla is not None:
       rel = f"{100 * (run['bpb'] / vanilla['bpb'] - 1):+.1f}%"
       speed = f"{run['bytes_per_s'] / vanilla['bytes_per_s']:.2f}x"
-    lines.append(f"| {report['data']} | {report['bytes']:,} | streamlearn {label} | "
+    lines.append(f"| {report['data']} | {report['bytes']:,} | streamlearn {label} |"
+                 f"{_running_cells(run.get('running', {}), at)} "
                  f"{run['bpb']:.3f} | {rel} | {run['bytes_per_s']:,.0f} | {speed} |")
+  details = report.get("classical_details", {})
   for name, bpb in report["classical"].items():
-    lines.append(f"| {report['data']} | {report['bytes']:,} | {' '.join(COMPRESSORS[name][:2])} | "
-                 f"{bpb:.3f} | | | |")
+    detail = details.get(name, {"label": name, "running": {}})
+    rel = f"{100 * (bpb / vanilla['bpb'] - 1):+.1f}%" if vanilla is not None else ""
+    lines.append(f"| {report['data']} | {report['bytes']:,} | {detail['label']} |"
+                 f"{_running_cells(detail['running'], at)} {bpb:.3f} | {rel} | | |")
   if report.get("forgetting"):
     lines += ["", "| forgetting: config | bits/byte on A | on B | canary A before B | after B | rise |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -327,9 +408,10 @@ def main(argv=None) -> int:
   except (ConfigError, SourceError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  scores, missing = classical(data)
+  scores, details, missing = classical(data)
   report = {"date": str(datetime.date.today()), "machine": platform.machine(),
             "data": args.data, "bytes": len(data), "classical": scores,
+            "classical_details": details,
             "classical_missing": missing, "runs": runs, "ablation": bool(names),
             "forgetting": rows,
             "command": "python scripts/benchmark.py " + " ".join(argv or sys.argv[1:])}
@@ -337,7 +419,8 @@ def main(argv=None) -> int:
   if args.plot:
     plot(report, args.plot)
   if missing:
-    print(f"(not installed, skipped: {', '.join(missing)})")
+    print(f"(not installed, skipped: {', '.join(missing)}; zpaq and 7z PPMd: "
+          "apt-get install zpaq p7zip-full)")
   if args.json:
     Path(args.json).write_text(json.dumps(report, indent=2))
   return 0

@@ -98,9 +98,18 @@ def test_benchmark_reports_the_schema(tmp_path, text_file, capsys):
   report = json.loads(out_json.read_text())
   assert report["bytes"] == 1500
   assert "gzip" in report["classical"] and report["classical"]["gzip"] > 0
+  assert report["classical_details"]["gzip"]["running"] == {"1500": report["classical"]["gzip"]}
   run = report["runs"][0]
   assert run["config"] == "tiny" and run["bpb"] > 0 and run["bytes"] == 1500
+  assert run["running"] == {"1500": run["bpb"]}
   assert "| streamlearn tiny |" in capsys.readouterr().out
+
+
+def test_benchmark_running_values_at_the_marks():
+  benchmark = load_script("benchmark")
+  assert benchmark.marks(70_000) == [65_536, 70_000] and benchmark.marks(100) == [100]
+  curve = [(60_000, 3.0), (65_600, 2.5), (70_000, 2.0)]  # (bytes seen, running bits/byte)
+  assert benchmark.running_at(curve, [65_536, 70_000]) == {65_536: 2.5, 70_000: 2.0}
 
 
 @pytest.mark.e2e
