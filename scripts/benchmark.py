@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from streamlearn.config import ConfigError, config_to_dict, load_config
 from streamlearn.data.sources import SourceError, open_source
 from streamlearn.data.stream import TokenStream
-from streamlearn.data.tokenizer import make_tokenizer
+from streamlearn.data.tokenizer import make_tokenizer, trained_on
 from streamlearn.learn.build import build
 from streamlearn.learn.prequential import learn_through, score_through
 from streamlearn.learn.state import init_learner
@@ -224,15 +224,19 @@ def run_config(config_path: str | None, overrides: list[str] | None, spec: str |
   predictor, optimizer, step = build(config, tokenizer.vocab_size)
   state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
   stream = _stream(config, tokenizer, spec, n)
+  # A BPE vocabulary was trained on the stream's first bytes: those are learned from
+  # (or read), never scored.
+  unscored = trained_on(config.tokenizer.kind, config.tokenizer.warmup_bytes)
   # A point every chunk, for the running values at the marks; the report keeps every curve_every-th.
   if overrides is None:
-    result = score_through(make_score(predictor), state.params, state.carry, stream, 1)
+    result = score_through(make_score(predictor), state.params, state.carry, stream, 1, unscored)
   else:
-    _, result = learn_through(step, state, stream, 1)
+    _, result = learn_through(step, state, stream, 1, unscored)
   return {"config": name or (Path(config_path).stem if config_path else "default"),
           "overrides": overrides or [], "bpb": result.bits_per_byte,
           "bytes_per_s": result.bytes_per_s, "seconds": result.seconds,
           "bytes": result.bytes, "tokens": result.tokens, "chunks": result.chunks,
+          "unscored_bytes": result.vocab_bytes, "scope": result.scope(),
           "running": running_at(result.curve, marks(result.bytes)),
           "curve": result.curve[curve_every - 1::curve_every] if curve_every else []}
 
@@ -416,6 +420,10 @@ def main(argv=None) -> int:
             "forgetting": rows,
             "command": "python scripts/benchmark.py " + " ".join(argv or sys.argv[1:])}
   print(markdown(report))
+  for run in runs:
+    if run["scope"]:
+      print(f"streamlearn {run['config']}: bits/byte{run['scope']}; the compressors' rows "
+            "cover every byte")
   if args.plot:
     plot(report, args.plot)
   if missing:

@@ -11,6 +11,7 @@ import pytest
 from streamlearn.config import load_config
 from streamlearn.learn.build import build
 from streamlearn.learn.chunk import Chunk
+from streamlearn.learn.prequential import Totals
 from streamlearn.learn.state import init_learner
 from streamlearn.learn.step import make_score
 
@@ -155,3 +156,13 @@ def test_the_match_model_predicts_a_far_repeat(enabled):
     assert copy_tail < 1.0, bits  # measured 0.16-0.20 bits/token over seeds
   else:
     assert copy_tail > 7.0, bits
+
+
+def test_bytes_a_bpe_vocabulary_was_trained_on_are_learned_from_not_scored():
+  totals = Totals()
+  for n_bytes, bits in [(600, 1.0), (600, 2.0), (600, 30.0), (600, 60.0)]:
+    totals.add(n_bytes, 64, bits, unscored_until=1000)  # the vocabulary saw bytes 0..999
+  # The chunk that straddles byte 1000 is left out too: only bytes it never saw count.
+  assert (totals.vocab_bytes, totals.vocab_last_chunk, totals.bits) == (1200, 2, 90.0)
+  assert totals.bits_per_byte == 90.0 / 1200 and "after the BPE vocabulary's warm-up" in totals.scope()
+  assert Totals(bytes=5, bits=5.0).scope() == ""

@@ -90,7 +90,7 @@ def test_resuming_onto_new_data_learns_all_of_it(tmp_path, text_file, monkeypatc
   assert final_state(run_dir)[1]["totals"]["bytes"] == 2000
 
 
-def test_bpe_run_trains_its_tokenizer_once_and_resumes_with_it(tmp_path, text_file):
+def test_bpe_run_trains_its_tokenizer_once_and_resumes_with_it(tmp_path, text_file, caplog):
   run_dir = tmp_path / "bpe"
   args = ["--config", TINY, "--data", str(text_file), "--run-dir", str(run_dir),
           "--set", "tokenizer.kind=bpe", "--set", "tokenizer.vocab_size=300",
@@ -98,8 +98,19 @@ def test_bpe_run_trains_its_tokenizer_once_and_resumes_with_it(tmp_path, text_fi
   assert main(args + ["--max-bytes", "1000"]) == 0
   saved = json.loads((run_dir / "tokenizer.json").read_text())
   assert saved["kind"] == "bpe"
-  assert main(args + ["--max-bytes", "1000", "--resume"]) == 0
+  # The vocabulary was trained on the first 2000 bytes: none of them is scored, and a
+  # version saved among them has no score to be ranked by.
+  assert "no byte scored yet: all 1,000 so far are the BPE vocabulary's warm-up" in caplog.text
+  registry = json.loads((run_dir / "registry.json").read_text())
+  assert [v["scores"].get("score") for v in registry["versions"]] == [None, None]
+  assert main(args + ["--max-bytes", "1500", "--resume"]) == 0
   assert json.loads((run_dir / "tokenizer.json").read_text()) == saved
+  checkpointer = Checkpointer(run_dir, load_config(TINY).checkpoint)
+  totals = checkpointer.read_record(checkpointer.latest_step())[0]["totals"]
+  checkpointer.close()
+  # Scored: the bytes of the chunks that began after the warm-up (one chunk < 500 bytes).
+  assert 2000 <= totals["vocab_bytes"] < 2500 and totals["bytes"] == 2500
+  assert totals["bits"] > 0 and "after the BPE vocabulary's warm-up" in caplog.text
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -46,7 +46,7 @@ from streamlearn.disk import write_atomic
 
 __all__ = ["Tokenizer", "ByteTokenizer", "BpeTokenizer", "KINDS", "TOKENIZER_FILE",
            "NUM_SPECIALS", "SPLIT_PATTERN", "make_tokenizer", "load_tokenizer",
-           "tokenizer_from_json"]
+           "tokenizer_from_json", "trained_on"]
 
 KINDS = ("bytes", "bpe")
 TOKENIZER_FILE = "tokenizer.json"
@@ -253,6 +253,12 @@ def make_tokenizer(kind: str, *, vocab_size: int, warmup: bytes) -> Tokenizer:
   if kind == "bpe":
     return BpeTokenizer.train(warmup, vocab_size)
   raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def trained_on(kind: str, warmup_bytes: int) -> int:
+  """How many bytes at the start of its stream a tokenizer of this kind learned from: their
+  scores are not prequential (a BPE vocabulary fits the very text it then encodes)."""
+  return warmup_bytes if kind == "bpe" else 0
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:

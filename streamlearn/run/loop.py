@@ -53,8 +53,15 @@ class Report:
   def text(self, progress: Progress) -> str:
     saved = f"version {self.saved}" if self.saved is not None else "no version yet"
     return (f"{human_bytes(progress.totals.bytes)} seen | {human_bytes(self.rate(progress))}/s"
-            f" | {progress.totals.bits_per_byte:.3f} bits/byte | {saved}"
+            f" | {bits_text(progress.totals)} | {saved}"
             + safety_text(progress, self.data_shifts))
+
+
+def bits_text(totals) -> str:
+  """The running score for the status line (none yet while the BPE warm-up streams)."""
+  if totals.vocab_bytes and totals.bytes == totals.vocab_bytes + totals.skipped_bytes:
+    return "BPE warm-up: learned from, not scored"
+  return f"{totals.bits_per_byte:.3f} bits/byte"
 
 
 def safety_text(progress: Progress, data_shifts: int = 0) -> str:
@@ -218,15 +225,9 @@ def book(session: Session, progress: Progress, report: Report, metrics,
   if session.swarm is not None:  # every member booked; the run goes by the leader's numbers
     m = session.swarm.observe(m, chunk.n_bytes)
   totals, skipped = progress.totals, bool(m["skipped"])
-  totals.bytes += chunk.n_bytes
-  totals.tokens += chunk.n_tokens
-  totals.chunks += 1
+  totals.add(chunk.n_bytes, chunk.n_tokens, float(m["bits"]), skipped, session.unscored_until)
   if skipped:
-    totals.skipped += 1
-    totals.skipped_bytes += chunk.n_bytes
     log.warning(f"warning: chunk {totals.chunks:,}: update skipped (NaN/Inf loss or gradient)")
-  else:
-    totals.bits += float(m["bits"])
   progress.position = chunk.position
   step = totals.chunks
   alarm = progress.guard.observe(step, float(m["bits"]), chunk, skipped)
@@ -277,6 +278,7 @@ def summary(session: Session, progress: Progress, report: Report, interrupted: b
   unsaved = (f" (the last {session.failed_in_a_row} save(s) failed: --resume goes on from "
              f"version {session.newest_saved})" if session.failed_in_a_row else "")
   return (f"{'interrupted' if interrupted else 'done'}: {totals.bytes:,} bytes, "
-          f"{totals.bits_per_byte:.4f} bits/byte prequential, version {session.newest_saved} "
-          f"in {session.run_dir}" + safety_text(progress, report.data_shifts) + unsaved
+          f"{totals.bits_per_byte:.4f} bits/byte prequential{totals.scope()}, version "
+          f"{session.newest_saved} in {session.run_dir}" + safety_text(progress, report.data_shifts)
+          + unsaved
           + (f" (files skipped: {skipped})" if skipped else ""))

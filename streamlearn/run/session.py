@@ -27,7 +27,7 @@ from streamlearn.config import Config, config_to_dict
 from streamlearn.data.sources import Source, open_source, read_warmup
 from streamlearn.data.spoolfile import write_consumed
 from streamlearn.data.stream import TokenStream
-from streamlearn.data.tokenizer import Tokenizer, make_tokenizer
+from streamlearn.data.tokenizer import Tokenizer, make_tokenizer, trained_on
 from streamlearn.disk import why, write_atomic
 from streamlearn.distributed import barrier, host_copy, is_primary, several, watch_peers
 from streamlearn.learn.build import build
@@ -88,6 +88,18 @@ class Session:
     """Frozen scoring, compiled when first needed (a spike alarm, a canary)."""
     return make_score(self.predictor)
 
+  @property
+  def unscored_until(self) -> int:
+    """Chunks that begin before this byte of the stream are learned from, not scored: the
+    BPE vocabulary was trained on them (0 for bytes)."""
+    return trained_on(self.config.tokenizer.kind, self.config.tokenizer.warmup_bytes)
+
+  def version_score(self, progress: Progress) -> float | None:
+    """A version's score: bits/byte over the last chunks, none while one is from the warm-up."""
+    if any(entry[0] <= progress.totals.vocab_last_chunk for entry in progress.guard.recent):
+      return None
+    return progress.guard.score()
+
   def token_stream(self, start: dict | None, max_bytes: int | None) -> TokenStream:
     return TokenStream(self.source, self.tokenizer, self.config.data.chunk_tokens,
                        start=start, max_bytes=max_bytes)
@@ -122,7 +134,7 @@ class Session:
     # Several processes: each writes its own members, from a copy on its devices.
     to_write = self.swarm.snapshot(progress.state) if several() else host_state
     try:
-      self.checkpointer.save(step, to_write, record, tokenizer_json, progress.guard.score())
+      self.checkpointer.save(step, to_write, record, tokenizer_json, self.version_score(progress))
     except SaveError as err:
       self._save_failed(err)
       return None
@@ -178,7 +190,7 @@ class Session:
 
   def _record(self, progress: Progress, host_state: LearnerState) -> dict:
     """What a version records beside its state: enough to resume exactly."""
-    score, running = progress.guard.score(), progress.totals.bits_per_byte
+    score, running = self.version_score(progress), progress.totals.bits_per_byte
     record = {"position": progress.position, "totals": dataclasses.asdict(progress.totals),
               "source": self.source.name, "time": time.time(), "parent": progress.parent,
               # A swarm's members each have theirs: the most advanced, the highest.
