@@ -4,8 +4,13 @@
 
 runs it with the member axis over 4 CPU devices and writes the result for the
 test to compare with the same trajectory on one device.
+
+    python tests/swarm_runs.py --poisoned K RUN_ARGS...
+
+is the run command with its Kth step fed NaN parameters (see `poisoned_run`).
 """
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -56,7 +61,34 @@ def trajectory(n_chunks: int, data_seed: int = 7):
   return jax.device_get(state), np.stack(bits), swarm.population.to_json(), plans, devices
 
 
+def poisoned_run(nth: int, args: list[str]) -> int:
+  """`python -m streamlearn.run ARGS` with NaN parameters fed to this invocation's nth step:
+  its update and every one after is non-finite (skipped) until a rollback restores a
+  version. A fault injected in every process alike, as the in-process safety tests do."""
+  from streamlearn.cli.run import main
+  from streamlearn.run import session as opening
+
+  real_open = opening.open_session
+
+  def open_poisoned(*a, **kw):
+    session, progress = real_open(*a, **kw)
+    real_step, calls = session.step_fn, itertools.count(1)
+
+    def step(state, chunk):
+      if next(calls) == nth:
+        state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+      return real_step(state, chunk)
+
+    session.step_fn = step
+    return session, progress
+
+  opening.open_session = open_poisoned  # the command imports it when it runs
+  return main(args)
+
+
 if __name__ == "__main__":
+  if sys.argv[1] == "--poisoned":
+    sys.exit(poisoned_run(int(sys.argv[2]), sys.argv[3:]))
   state, bits_KxN, _, plans, devices = trajectory(6)
   leaves = {f"leaf{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
   np.savez(sys.argv[1], bits=bits_KxN, devices=devices,

@@ -231,26 +231,33 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture
+# The two-process resume's fault: NaN parameters fed to its second step (chunk 22), so three
+# skipped updates (22-24) roll both processes back to version 20 and stream again from it,
+# the learning rate kept: the run goes on exactly as the uninterrupted one.
+ROLLBACK = ["--set", "safety.restream=true", "--set", "safety.lr_factor=1"]
+
+
+@pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-  """The first part of the CLI test's split run (1,280 bytes, then resumed to 1,920) as one
-  swarm over two processes of 2 CPU devices each, sharing one run directory; it runs in
-  the background while the test runs its own in this process."""
+  """The first part of the CLI test's split run (1,280 bytes, then resumed to 1,920 through
+  a rollback) as one swarm over two processes of 2 CPU devices each, sharing one run
+  directory; it runs in the background while the test runs its own in this process.
+  Returns (run directory, each process's stderr lines of the resume)."""
   where = tmp_path_factory.mktemp("two-processes")
   data = where / "text.txt"
   data.write_bytes(stdlib_text(2600))
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "PYTHONPATH": str(ROOT)}
-  errors = []
+         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+  errors, logs = [], []
 
-  def launch(extra, port):
+  def launch(program, extra, port):
     children = [subprocess.Popen(
-        [sys.executable, "-m", "streamlearn.run", *CLI_SWARM, "--data", str(data),
+        [sys.executable, *program, *CLI_SWARM, "--data", str(data),
          "--run-dir", str(where / "split"), "--coordinator", f"localhost:{port}",
          "--num-processes", "2", "--process-id", str(i), *extra],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
-    failed = []
+    failed, errs = [], []
     for i, child in enumerate(children):
       try:
         _, err = child.communicate(timeout=300)
@@ -258,23 +265,28 @@ def two_processes(tmp_path_factory):
         for c in children:
           c.kill()
         err = "timed out"
+      errs.append(err)
       if child.returncode != 0:
         failed.append(f"process {i} {' '.join(extra)}: {err[-2000:]}")
-    return failed
+    return failed, errs
 
-  def run(*extra):
+  def run(program, *extra):
     # free_port() lets the port go before process 0 binds it: should another program take
     # it meanwhile, the coordinator cannot bind, and the launch is tried again on another.
     for _ in range(3):
-      failed = launch(extra, free_port())
+      failed, errs = launch(program, extra, free_port())
       if not any("already in use" in f.lower() for f in failed):
         break
     errors.extend(failed)
+    return errs
 
   def both_parts():
-    run("--max-bytes", "1280")
-    if not errors:  # a resume over two processes too, up to 1,920 bytes
-      run("--resume", "--max-bytes", "640")
+    run(["-m", "streamlearn.run"], "--max-bytes", "1280")
+    if not errors:  # a resume over two processes too, through a rollback, up to 1,920 bytes
+      errs = run([str(ROOT / "tests" / "swarm_runs.py"), "--poisoned", "2"], *ROLLBACK,
+                 "--resume", "--max-bytes", "960")
+      logs.extend([line for line in err.splitlines() if line.strip() and "B/s" not in line]
+                  for err in errs)
 
   thread = threading.Thread(target=both_parts)
   thread.start()
@@ -282,7 +294,7 @@ def two_processes(tmp_path_factory):
   def result():
     thread.join()
     assert not errors, "\n".join(errors)
-    return where / "split"
+    return where / "split", logs
 
   yield result
   thread.join()
@@ -335,9 +347,10 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processe
   with pytest.raises(VersionError, match="not in this version"):
     Learner.load(straight, member=0 if 0 not in members["slots"] else 10_000)
   # Two processes (2 devices each) sharing one run directory made the same first part,
-  # resumed it over two processes, and it resumes in one process (its versions read
-  # whole) into the same run.
-  shared = two_processes()  # its own copy of the text: a resume goes on in the same file
+  # resumed it over two processes (through a rollback to version 20 that streamed again:
+  # both processes must restore it alike), and it resumes in one process (its versions
+  # read whole) into the same run.
+  shared, _ = two_processes()  # its own copy of the text: a resume goes on in the same file
   assert main(CLI_SWARM + ["--data", str(shared.parent / "text.txt"), "--run-dir", str(shared),
                            "--resume"]) == 0
   theirs = json.loads((shared / "registry.json").read_text())["members"]
@@ -353,6 +366,22 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processe
   close(swarm, states[1], rtol=1e-4, atol=1e-5)  # 41 steps of rounding apart
   checkpointer.close()
   assert len(list((shared / "tb").glob("events.out.tfevents.*"))) == 3  # process 0's twice, ours
+
+
+@pytest.mark.e2e
+def test_a_rollback_over_two_processes_is_the_same_in_both(two_processes):
+  # (After the CLI test, whose own work runs while the two processes do.)
+  shared, logs = two_processes()
+  rollbacks = [[line for line in log if line.startswith("rollback")] for log in logs]
+  assert rollbacks[0] == rollbacks[1] == [
+      "rollback at chunk 24: 3 updates in a row skipped for NaN/Inf (chunks 22-24); restored "
+      "version 20, learning rate x1"], logs
+  # Both went on from it: 960 bytes streamed after the resume, 320 of them twice.
+  assert logs[0][-1] == logs[1][-1] and logs[0][-1].startswith("done: 1,920 bytes"), logs
+  events = json.loads((shared / "registry.json").read_text())["events"]
+  rollbacks = [e for e in events if e["kind"] == "rollback"]
+  assert len(rollbacks) == 1 and len(events) == 1, events   # process 0 recorded it, once
+  assert rollbacks[0]["to"] == 20 and rollbacks[0]["chunk"] == 24 and rollbacks[0]["restream"]
 
 
 @pytest.mark.e2e

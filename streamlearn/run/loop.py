@@ -203,19 +203,24 @@ def drain_save_failures(session: Session, report: Report) -> None:
 
 class Streams:
   """The run's token stream, opened again at a rollback's position when it restreams,
-  with --max-bytes counting every byte read this invocation."""
+  with --max-bytes counting every byte streamed this invocation (twice if streamed again)."""
 
   def __init__(self, session: Session, max_bytes: int | None):
     self.session, self.max_bytes = session, max_bytes
     self.current: TokenStream | None = None
-    self.read_before = 0  # bytes that streams opened earlier read
+    # Bytes of the chunks handed out, not the bytes read: a stream reads ahead (a whole
+    # block), and what it read but never cut into chunks is read again after a restream.
+    self.streamed = 0
 
   def open(self, position: dict | None):
-    if self.current is not None:
-      self.read_before += self.current.bytes_read
-    remaining = None if self.max_bytes is None else max(self.max_bytes - self.read_before, 0)
+    remaining = None if self.max_bytes is None else max(self.max_bytes - self.streamed, 0)
     self.current = self.session.token_stream(position, remaining)
-    return iter(self.current)
+    return self._counted(iter(self.current))
+
+  def _counted(self, chunks):
+    for chunk in chunks:
+      self.streamed += chunk.n_bytes
+      yield chunk
 
 
 def book(session: Session, progress: Progress, report: Report, metrics,
