@@ -87,6 +87,7 @@ class CheckpointConfig:
   keep_period: int = 10_000   # long-term: also keep one version per this many chunks (0: none)
   keep_best: int = 1          # also keep this many versions with the best score (0: none)
   max_failed_saves: int = 3   # after this many failed saves in a row (a full disk) the run stops
+  idle_seconds: float = 30.0  # a followed stream (--follow) quiet this long saves what was learned (0: never)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +180,7 @@ class ServeConfig:
   queue_seconds: float = 30.0
   remember_answers: int = 10_000  # answers that can still be rated
   learn_from_use: bool = False  # prompts and liked answers go to the capture spool
+  status_file: str = ""       # a daemon's status.json: at GET /api/status and on the page
                                 # (capture.spool), redacted, for a learner that follows it
 
 
@@ -195,6 +197,8 @@ class CaptureConfig:
   max_item_bytes: int = 262_144    # longer texts are split into items of at most this
   max_push_bytes: int = 1_048_576  # a larger push gets 413
   segment_bytes: int = 4_194_304   # a segment is sealed ("training ready") at 90% of this
+  seal_seconds: float = 600.0  # ...or once its first item is this old (0: only when 90% full)
+  min_free_mb: float = 256.0  # below this much free disk capture pauses, and resumes above it
   max_bytes: int = 1_073_741_824   # over this, the oldest learned segments are deleted (0: never)
   max_age_days: float = 0.0   # learned segments older than this are deleted (0: never)
   poll_seconds: float = 2.0   # folders are rescanned this often (watchdog wakes it sooner)
@@ -203,6 +207,47 @@ class CaptureConfig:
   window_blocklist: tuple[str, ...] = (  # regexes: a window whose title matches is never grabbed
       r"(?i)password|passwort|1password|bitwarden|keepass|lastpass|dashlane|enpass|keychain",
       r"(?i)private browsing|incognito|inprivate|private window|tor browser")
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+  """`streamlearn daemon`: capture, a learner following its spool, and the server, supervised."""
+  dir: str = "~/.local/share/streamlearn"  # spool/, run/, backups/, logs/ and status.json
+  capture: bool = True        # run capture (folders, push, screen: the [capture] section)
+  serve: bool = True          # run the server ([serve]) once the learner has a version
+  backup_every: str = "7d"    # a backup of the newest version this often: 90s, 10m, 6h, 7d, 2w
+  keep_backups: int = 4       # backups kept; the oldest beyond this is deleted
+  nice: int = 10              # the learner's OS priority is lowered by this (0-19)
+  pause_on_battery: bool = True  # learning pauses while the machine runs on battery
+  max_load: float = 1.5       # ...and while other programs' load per CPU stays above this (0: off)
+  load_seconds: float = 60.0  # how long the load must stay above (or below) before it counts
+  power_supply: str = "/sys/class/power_supply"  # where the battery is read (tests point elsewhere)
+  loadavg: str = "/proc/loadavg"  # where the load is read (tests point elsewhere)
+  stop_seconds: float = 120.0  # a child asked to stop is killed after this (the learner saves)
+  log_bytes: int = 10_485_760  # logs/daemon.log is rotated at this size...
+  log_files: int = 3          # ...keeping this many old ones
+
+
+def parse_duration(text: str) -> float:
+  """'90s', '10m', '6h', '7d', '2w' or a plain number of seconds -> seconds (> 0)."""
+  units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+  text = text.strip().lower()
+  scale = units.get(text[-1:], None)
+  number = text[:-1] if scale else text
+  try:
+    seconds = float(number) * (scale or 1)
+  except ValueError:
+    raise ValueError(f"{text!r} is not a duration (e.g. 90s, 10m, 6h, 7d, 2w)") from None
+  if not seconds > 0:
+    raise ValueError(f"{text!r}: a duration must be > 0")
+  return seconds
+
+
+def _is_duration(text: str) -> bool:
+  try:
+    return parse_duration(text) > 0
+  except ValueError:
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +268,7 @@ class Config:
   swarm: SwarmConfig = SwarmConfig()
   serve: ServeConfig = ServeConfig()
   capture: CaptureConfig = CaptureConfig()
+  daemon: DaemonConfig = DaemonConfig()
 
 
 # Value checks beyond the type: key -> (predicate, what it must be).
@@ -250,7 +296,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "optim.eps": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE, "optim.grad_clip": _POSITIVE,
     "checkpoint.every_chunks": _POSITIVE, "checkpoint.max_to_keep": _POSITIVE,
     "checkpoint.keep_period": _NON_NEGATIVE, "checkpoint.keep_best": _NON_NEGATIVE,
-    "checkpoint.max_failed_saves": _POSITIVE,
+    "checkpoint.max_failed_saves": _POSITIVE, "checkpoint.idle_seconds": _NON_NEGATIVE,
     "log.tensorboard_every": _POSITIVE, "log.progress_seconds": _POSITIVE,
     "safety.max_skips": _POSITIVE, "safety.spike_fraction": _NON_NEGATIVE,
     "safety.signal_chunks": _POSITIVE, "safety.median_chunks": _POSITIVE,
@@ -289,7 +335,13 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "capture.max_push_bytes": _POSITIVE, "capture.segment_bytes": _POSITIVE,
     "capture.poll_seconds": _POSITIVE, "capture.settle_seconds": _NON_NEGATIVE,
     "capture.screen_seconds": _NON_NEGATIVE, "capture.max_bytes": _NON_NEGATIVE,
-    "capture.max_age_days": _NON_NEGATIVE,
+    "capture.max_age_days": _NON_NEGATIVE, "capture.seal_seconds": _NON_NEGATIVE,
+    "capture.min_free_mb": _NON_NEGATIVE,
+    "daemon.backup_every": (_is_duration, "a duration such as 90s, 10m, 6h, 7d or 2w"),
+    "daemon.keep_backups": _POSITIVE, "daemon.nice": (lambda v: 0 <= v <= 19, "in [0, 19]"),
+    "daemon.max_load": _NON_NEGATIVE, "daemon.load_seconds": _NON_NEGATIVE,
+    "daemon.stop_seconds": _POSITIVE, "daemon.log_bytes": _POSITIVE,
+    "daemon.log_files": _NON_NEGATIVE,
 }
 
 

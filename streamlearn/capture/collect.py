@@ -27,6 +27,7 @@ import fnmatch
 import json
 import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -88,6 +89,7 @@ class Capture:
     self.cfg, self.spool = cfg, spool
     self.lock = threading.Lock()
     self.paused = threading.Event()
+    self._low_disk = False  # below capture.min_free_mb: nothing is taken until there is room
     self.totals = collections.Counter()      # captured, duplicates, skipped, bytes
     self._said: dict[str, float] = {}
 
@@ -112,6 +114,26 @@ class Capture:
       if not written:
         self.spool.write_manifest()
     return written
+
+  def disk_low(self) -> bool:
+    """Whether the spool's disk is below `capture.min_free_mb`; says so when that changes.
+    Folders are then not scanned (their files are read once there is room) and pushes
+    are refused (507), so capture never fills the disk."""
+    floor = self.cfg.min_free_mb * 2**20
+    try:
+      free = shutil.disk_usage(self.spool.directory).free
+    except OSError:
+      return self._low_disk
+    low = free < floor
+    if low != self._low_disk:
+      self._low_disk = low
+      if low:
+        log.warning(f"warning: capture paused: {free / 2**20:,.0f} MB free on "
+                    f"{self.spool.directory}, below capture.min_free_mb ({self.cfg.min_free_mb:g})"
+                    f"; it goes on when there is room")
+      else:
+        log.info(f"capture resumed: {free / 2**20:,.0f} MB free")
+    return low
 
   def prune(self) -> list[int]:
     """Learned segments past the byte or age cap go (the caller holds the lock)."""

@@ -5,7 +5,8 @@
     GET  /status   what was captured, duplicates, skipped, whether paused
 
 Every answer is JSON; every refusal `{"error": "..."}` with a 4xx: a body over
-`capture.max_push_bytes` (413), not UTF-8, malformed JSON, no text. Text goes
+`capture.max_push_bytes` (413), not UTF-8, malformed JSON, no text; a full disk (507: below
+`capture.min_free_mb`). Text goes
 through the same prep as every collector's before it is spooled.
 """
 
@@ -59,6 +60,9 @@ class PushHandler(BaseHTTPRequestHandler):
       text, source = self._item()
       if self.capture.paused.is_set():
         raise _Refused(409, "capture is paused (POST /resume)")
+      if self.capture.disk_low():
+        raise _Refused(507, f"capture is paused: less free disk than capture.min_free_mb "
+                            f"({self.capture.cfg.min_free_mb:g} MB)")
       written = self.capture.offer(Item(text, "push", source))
       self._send(200, {"captured": written, "duplicate": written == 0})
     except _Refused as err:

@@ -38,8 +38,9 @@ class Running:
     while not stop.is_set():
       self._account_pauses()
       with self.capture.lock:
+        self.capture.spool.seal_if_older(cfg.seal_seconds)
         self.capture.prune()  # the age cap applies between seals too
-      if self._paused_at is None:
+      if self._paused_at is None and not self.capture.disk_low():
         self._look()
       self.folders.wake.wait(wait)
       self.folders.wake.clear()

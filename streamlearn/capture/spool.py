@@ -51,8 +51,10 @@ class Manifest:
   segment: int
   samples: int = 0
   bytes: int = 0
+  text_bytes: int = 0   # the items' text alone (what a learner reads): bytes less the headers
   sealed: bool = False
   started: float = dataclasses.field(default_factory=time.time)
+  first_item_at: float | None = None
   sealed_at: float | None = None
   sources: dict = dataclasses.field(default_factory=dict)      # collector -> items
   redactions: dict = dataclasses.field(default_factory=dict)   # kind -> count (never values)
@@ -113,6 +115,7 @@ class Spool:
         os.fsync(f.fileno())
       log.warning(f"{path}: cut a torn item at its end ({len(data) - end} bytes, left by a crash)")
     self.manifest.samples, self.manifest.bytes = len(whole), end
+    self.manifest.text_bytes = sum(stop - start for _, start, stop in whole)
 
   def _load_seen(self) -> set[str]:
     try:
@@ -146,6 +149,8 @@ class Spool:
     m = self.manifest
     m.samples += 1
     m.bytes += len(data)
+    m.text_bytes += len(body)
+    m.first_item_at = m.first_item_at or time.time()
     m.sources[item.collector] = m.sources.get(item.collector, 0) + 1
     for kind, n in redactions.items():
       m.redactions[kind] = m.redactions.get(kind, 0) + n
@@ -173,6 +178,13 @@ class Spool:
              f"{m.bytes:,} bytes ({self.segment_path(m.segment)})")
     self.manifest = Manifest(segment=m.segment + 1)
 
+  def seal_if_older(self, seconds: float) -> None:
+    """Seals the open segment once its first item is `seconds` old (0: never), so a learner
+    following the spool lags capture by at most that when text arrives slowly."""
+    first = self.manifest.first_item_at
+    if seconds > 0 and first is not None and time.time() - first >= seconds:
+      self.seal()
+
   def prune(self, max_bytes: int, max_age_s: float) -> list[int]:
     """Deletes the oldest sealed segments while the spool holds over `max_bytes` (0: no cap)
     or they are older than `max_age_s` (0: no limit) — only those the learner following the
@@ -192,6 +204,8 @@ class Spool:
       if not manifest.sealed or not (too_old or (max_bytes and total > max_bytes)):
         break
       total -= self.segment_path(n).stat().st_size
+      spoolfile.add_pruned(self.directory, n, manifest.text_bytes
+                           or _text_bytes(self.segment_path(n)))
       self.segment_path(n).unlink()
       self.manifest_path(n).unlink(missing_ok=True)
       removed.append(n)
@@ -214,6 +228,11 @@ def _append_synced(path: Path, data: bytes) -> None:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def _text_bytes(path: Path) -> int:
+  """The items' text bytes in a segment (for a manifest written before it counted them)."""
+  return sum(end - start for _, start, end in spoolfile.items(path.read_bytes()))
 
 
 def read_segment(path: str | Path) -> list[tuple[str, str]]:

@@ -8,6 +8,8 @@
     streamlearn generate  text from a run or an artifact
     streamlearn capture   text from folders and pushes, redacted, into a spool
     streamlearn serve     the best models behind Ollama- and OpenAI-style APIs and a page
+    streamlearn daemon    capture, learn and serve around the clock, with backups
+    streamlearn status    what the daemon is doing
 
 Each command's own module says more (`streamlearn COMMAND --help`). Only the
 chosen command's module is imported, so `streamlearn --help` is instant.
@@ -31,6 +33,8 @@ COMMANDS = {
     "generate": ("streamlearn.cli.generate", "text from a run or an artifact"),
     "capture": ("streamlearn.cli.capture", "text from folders and pushes, redacted, into a spool"),
     "serve": ("streamlearn.cli.serve", "the best models behind Ollama/OpenAI-style APIs and a page"),
+    "daemon": ("streamlearn.cli.daemon", "capture, learn and serve around the clock, with backups"),
+    "status": ("streamlearn.cli.status", "what the daemon is doing (--json: as JSON)"),
 }
 
 

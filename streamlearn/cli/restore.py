@@ -2,13 +2,16 @@
 
     streamlearn restore --run-dir checkpoints/default --step 3000
     streamlearn restore --run-dir checkpoints/default --original
+    streamlearn restore --backup ~/.local/share/streamlearn/backups/20261202T201500Z-v1200
 
 The version is read whole (and its CRC checked) before anything moves; then
 every later version is moved to <run_dir>/aside/<time>-restored-to-<N>/ (kept,
 never deleted), so the next `streamlearn run --run-dir DIR --resume` continues
 from it, at its stream position. The registry records the restore. A missing
 or unreadable version, or a run still using the directory, stops with one
-line and changes nothing.
+line and changes nothing. --backup brings back a daemon's backup (streamlearn/daemon/
+backup.py) into the run it was taken of, or --run-dir: the run's versions are moved
+aside first, the same way.
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ def restore(run_dir: str, step: int, *, to_original: bool) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--run-dir", required=True, metavar="DIR")
+  parser.add_argument("--run-dir", metavar="DIR",
+                      help="the run (with --backup: default, the run it was taken of)")
   which = parser.add_mutually_exclusive_group(required=True)
+  which.add_argument("--backup", metavar="PATH", help="a daemon's backup to bring back")
   which.add_argument("--step", type=int, metavar="N", help="the version to go back to")
   which.add_argument("--original", "--reset-to-base", dest="original", action="store_true",
                      help="go back to the original (version 0, before any learning)")
@@ -67,6 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
   from streamlearn.store.checkpoint import ORIGINAL_STEP, VersionError
 
+  if args.backup:
+    from streamlearn.daemon.backup import BackupError, restore_backup
+    try:
+      print(restore_backup(args.backup, args.run_dir))
+    except BackupError as err:
+      return error(str(err))
+    return 0
+  if not args.run_dir:
+    return error("--run-dir is needed with --step or --original")
   step = ORIGINAL_STEP if args.original else args.step
   try:
     print(restore(args.run_dir, step, to_original=args.original))

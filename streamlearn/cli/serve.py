@@ -85,7 +85,7 @@ def command(args: argparse.Namespace) -> int:
     return error(f"cannot listen on {cfg.host}:{cfg.port} ({err.strerror})")
   host, port = server.server_address[:2]
   stop = threading.Event()
-  pool.watch(cfg.reload_seconds, stop)
+  watcher = pool.watch(cfg.reload_seconds, stop)
   # SIGTERM stops it as Ctrl-C does: the serving thread ends, requests in flight are dropped.
   signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
   log.info(f"serving {len(pool.ids())} model(s) on http://{host}:{port}/ "
@@ -96,6 +96,7 @@ def command(args: argparse.Namespace) -> int:
     pass
   finally:
     stop.set()
+    watcher.join(timeout=30.0)  # a refresh under way ends before the interpreter does
     server.server_close()
     if use is not None:
       with use.lock:

@@ -5,6 +5,7 @@ learner's `SpoolSource`) alike.
     SPOOL/segment-000001.json   its manifest; `"sealed": true` once it is training ready
     SPOOL/consumed.json         written by the learner that follows the spool: segments
                                 before `segment` are learned and in no version it keeps
+    SPOOL/pruned.json           what capture deleted of those: segments and text bytes
 
 <bytes> is the length of `<text>\n` in UTF-8. An item shorter than its header
 says is being written (or was torn by a crash): readers stop before it.
@@ -74,3 +75,49 @@ def consumed(root: str | Path) -> int:
     return int(json.loads((Path(root) / "consumed.json").read_text())["segment"])
   except (OSError, ValueError, KeyError, TypeError):
     return 1
+
+
+def pruned(root: str | Path) -> dict:
+  """{"segments": n, "text_bytes": n} deleted from the spool so far (learned, past a cap)."""
+  try:
+    data = json.loads((Path(root) / "pruned.json").read_text())
+    return {"segments": int(data["segments"]), "text_bytes": int(data["text_bytes"])}
+  except (OSError, ValueError, KeyError, TypeError):
+    return {"segments": 0, "text_bytes": 0}
+
+
+def add_pruned(root: str | Path, segment: int, text_bytes: int) -> None:
+  """Counts a segment about to be deleted, before it is (a crash between the two counts it
+  and leaves it: the count may run ahead by a segment, never behind)."""
+  total = pruned(root)
+  write_atomic(Path(root) / "pruned.json", json.dumps(
+      {"segments": total["segments"] + 1, "text_bytes": total["text_bytes"] + text_bytes,
+       "last": segment}))
+
+
+def text_bytes(root: str | Path) -> dict:
+  """What the spool holds, in the items' text bytes (what a learner reads): `captured` ever
+  (pruned segments included), `sealed` (training ready) and `open` (being filled)."""
+  sealed_bytes = open_bytes = 0
+  for path in sorted(Path(root).glob("segment-*.txt")):
+    if not (m := SEGMENT.match(path.name)):
+      continue
+    number = int(m.group(1))
+    try:
+      manifest = json.loads(manifest_path(root, number).read_text())
+      if manifest.get("sealed"):  # final: its count is the file's
+        sealed_bytes += int(manifest["text_bytes"])
+        continue
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+      manifest = {}
+    try:  # the open segment (or an old manifest): count its whole items
+      n = sum(end - start for _, start, end in items(path.read_bytes()))
+    except OSError:
+      continue
+    if isinstance(manifest, dict) and manifest.get("sealed"):
+      sealed_bytes += n
+    else:
+      open_bytes += n
+  gone = pruned(root)["text_bytes"]
+  return {"captured": gone + sealed_bytes + open_bytes, "sealed": gone + sealed_bytes,
+          "open": open_bytes}

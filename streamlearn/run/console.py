@@ -68,6 +68,17 @@ class Interrupts:
         signal.signal(sig, handler)
 
   @contextlib.contextmanager
+  def held(self):
+    """Inside a wait for data, a stretch a signal must not cut (a save): it raises after."""
+    raising, self._raising = self._raising, False
+    try:
+      yield
+    finally:
+      self._raising = raising
+    if raising and self.requested:
+      raise KeyboardInterrupt
+
+  @contextlib.contextmanager
   def raising(self):
     self._raising = True
     try:

@@ -81,7 +81,25 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
   """Streams until the source ends, max_bytes, or Ctrl-C; returns the exit code."""
   report, streams, chunks = start(session, progress, max_bytes)
   in_flight = None  # (metrics on device, chunk) of the step dispatched last
+  held_alarm = None  # an alarm raised while idle: acted on with the next chunk
   interrupts = Interrupts()
+  idle = Idle(session.config.checkpoint.idle_seconds)
+
+  def on_wait() -> None:
+    """A followed stream waits for more: register the version being written and, once idle
+    long enough, save what was learned, so a quiet stream loses nothing to a kill -9."""
+    nonlocal in_flight, held_alarm
+    with interrupts.held():  # a stop asked for now comes after the save
+      session.finish_saving()
+      if not idle.due():
+        return
+      if in_flight:
+        held_alarm = book(session, progress, report, *in_flight)
+        in_flight = None
+      if held_alarm is None and progress.totals.chunks > report.attempted:
+        save(session, progress, report)
+
+  session.source.on_wait = on_wait
   try:
     with interrupts.installed():
       while not interrupts.requested:
@@ -89,6 +107,7 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
         try:
           with interrupts.raising():
             chunk = next(chunks, None)
+          idle.reset()
         except SourceError as err:  # e.g. the file became unreadable mid-stream
           log.error(f"error: {err}")
           report.failed = True
@@ -97,7 +116,8 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
           break
         # --- its step in flight; only now the one dispatched before it is read
         progress.state, metrics = session.step_fn(progress.state, device_chunk(chunk))
-        alarm = book(session, progress, report, *in_flight) if in_flight else None
+        alarm = book(session, progress, report, *in_flight) if in_flight else held_alarm
+        held_alarm = None
         in_flight = (metrics, chunk)
         session.register_if_saved()
         # --- a checkpoint, a swarm event or an alarm: book this chunk too, then act.
@@ -123,7 +143,7 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
     log.error(f"error: {err}")
     report.failed = True
   finally:
-    progress = finish(session, progress, report, in_flight)
+    progress = finish(session, progress, report, in_flight, held_alarm)
   log.info(summary(session, progress, report, interrupts.requested))
   return 1 if report.failed else 2 if report.unsaved else 0
 
@@ -136,7 +156,6 @@ def start(session: Session, progress: Progress, max_bytes: int | None):
                   StatusLine(session.config.log.progress_seconds),
                   (time.monotonic(), progress.totals.bytes))
   streams = Streams(session, max_bytes)
-  session.source.on_wait = session.finish_saving  # following: registered while it waits
   chunks = streams.open(progress.position)
   report.saved = progress.totals.chunks if progress.position is not None else None
   report.attempted = progress.totals.chunks
@@ -144,6 +163,22 @@ def start(session: Session, progress: Progress, max_bytes: int | None):
     progress.position = streams.current.start_position
     save(session, progress, report)
   return report, streams, chunks
+
+
+class Idle:
+  """When a followed stream has waited `seconds` for data since its last chunk (0: never)."""
+
+  def __init__(self, seconds: float):
+    self.seconds, self.since = seconds, None
+
+  def reset(self) -> None:
+    self.since = None
+
+  def due(self) -> bool:
+    now = time.monotonic()
+    if self.since is None:
+      self.since = now
+    return self.seconds > 0 and now - self.since >= self.seconds
 
 
 def act_between_chunks(session: Session, progress: Progress, report: Report,
@@ -165,9 +200,10 @@ def act_between_chunks(session: Session, progress: Progress, report: Report,
   return progress, restream, False
 
 
-def finish(session: Session, progress: Progress, report: Report, in_flight) -> Progress:
+def finish(session: Session, progress: Progress, report: Report, in_flight,
+           held_alarm: Alarm | None = None) -> Progress:
   """The way out: the last chunk booked, a final version, everything closed."""
-  alarm = book(session, progress, report, *in_flight) if in_flight else None
+  alarm = book(session, progress, report, *in_flight) if in_flight else held_alarm
   if alarm:
     try:
       progress, _, _ = act_on(session, progress, alarm, report)

@@ -181,8 +181,11 @@ class Pool:
     """A thread that refreshes the pool when a run saves, until `stop` is set."""
     def loop():
       while not stop.wait(every_s):
-        if self.changed():
-          self.refresh()
+        try:
+          if self.changed():
+            self.refresh()
+        except Exception as err:  # one line; the pool as it was serves on, and it is tried again
+          log.warning(f"warning: the pool was not refreshed ({type(err).__name__}: {err})")
 
     thread = threading.Thread(target=loop, name="pool-watch", daemon=True)
     thread.start()

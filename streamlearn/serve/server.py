@@ -10,6 +10,7 @@
                             stream?}: one object, or server-sent events ending in [DONE]
     POST /api/feedback     {id, score}: +1 / -1, or a number in [0, 1]
     GET  /api/pool         each model's pulls, ratings, posterior and bits/byte
+    GET  /api/status       under the daemon: what it runs, bytes captured / learned, backups
 
 Every answer names its model and carries a request id, which feedback sends
 back. A request that names no model (or "auto") is routed by the bandit. Every
@@ -204,6 +205,18 @@ class Handler(BaseHTTPRequestHandler):
   def api_pool(self):
     self._send_json(200, self.service.pool_table())
 
+  def api_status(self):
+    """The daemon's status.json (serve.status_file), as `streamlearn status --json` shows it."""
+    path = self.service.cfg.status_file
+    if not path:
+      raise BadRequest(404, "no daemon status here (serve.status_file is not set)")
+    try:
+      with open(path, encoding="utf-8") as f:
+        status = json.load(f)
+    except (OSError, ValueError):
+      raise BadRequest(503, "the daemon's status is not readable yet; try again") from None
+    self._send_json(200, status)
+
   # --- OpenAI ------------------------------------------------------------------------
 
   def v1_models(self):
@@ -287,6 +300,7 @@ ROUTES = {
     "/api/version": {"GET": "api_version"},
     "/api/feedback": {"POST": "api_feedback"},
     "/api/pool": {"GET": "api_pool"},
+    "/api/status": {"GET": "api_status"},
     "/v1/models": {"GET": "v1_models"},
     "/v1/completions": {"POST": "v1_completions"},
 }

@@ -1,0 +1,432 @@
+"""The daemon: its parts alone (guard, backups, status, notify, the unit file), then the whole
+of it as a user runs it — capture, learn and serve in child processes, kill -9 of each part
+and of the daemon, battery pauses, backups rotated and restored."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from streamlearn.config import ConfigError, DaemonConfig, load_config, parse_duration
+from streamlearn.daemon import backup as backups
+from streamlearn.daemon.guard import Guard, load_average, on_battery
+from streamlearn.daemon.notify import Notifier
+from streamlearn.daemon.status import Layout, gather, text
+from streamlearn.data import spoolfile
+
+from safety_runs import ROOT, SAFE
+
+# --- its parts ------------------------------------------------------------------------------
+
+
+def test_durations():
+  assert [parse_duration(t) for t in ("90s", "10m", "6h", "7d", "2w", "45", "1.5h")] == \
+      [90, 600, 21600, 604800, 1209600, 45, 5400]
+  for bad in ("", "7x", "-1d", "0s", "d"):
+    with pytest.raises(ValueError):
+      parse_duration(bad)
+  with pytest.raises(ConfigError, match="daemon.backup_every: must be a duration"):
+    load_config(None, ["daemon.backup_every=soon"])
+
+
+def power(root: Path, **supplies: dict) -> Path:
+  shutil.rmtree(root, ignore_errors=True)
+  for name, files in supplies.items():
+    (root / name).mkdir(parents=True)
+    for key, value in files.items():
+      (root / name / key).write_text(value + "\n")
+  return root
+
+
+def test_battery_is_read_from_the_power_supply_class(tmp_path):
+  bat = {"type": "Battery", "status": "Discharging"}
+  assert on_battery(power(tmp_path / "p", BAT0=bat, AC={"type": "Mains", "online": "0"}))
+  assert not on_battery(power(tmp_path / "p", BAT0=bat, AC={"type": "Mains", "online": "1"}))
+  assert not on_battery(power(tmp_path / "p", BAT0={"type": "Battery", "status": "Charging"}))
+  assert not on_battery(tmp_path / "no-such-class")  # a server: never on battery
+  (tmp_path / "loadavg").write_text("3.25 1.00 0.50 2/345 6789\n")
+  assert load_average(tmp_path / "loadavg") == 3.25
+  assert load_average(tmp_path / "missing") is None
+
+
+def test_the_guard_pauses_for_battery_at_once_and_for_load_only_when_it_lasts():
+  guard = Guard(DaemonConfig(max_load=1.0, load_seconds=10.0), cpus=2)
+  assert guard.check(0.0, battery=True, load=0.0) == "on battery"
+  assert guard.check(1.0, battery=False, load=0.0) is None
+  # Others' load: 4.0 on 2 CPUs is 2.0 per CPU, above 1.0; it must last 10 s.
+  assert guard.check(2.0, False, 4.0) is None
+  assert guard.check(11.9, False, 4.0) is None
+  assert guard.check(12.0, False, 4.0).startswith("load: other programs keep 2.0 per CPU")
+  assert guard.check(15.0, False, 0.5).startswith("load")   # below, but not for 10 s yet
+  assert guard.check(25.0, False, 0.5) is None
+  assert guard.check(26.0, True, 0.5) == "on battery"
+
+
+def test_the_guard_does_not_count_our_own_children_as_load():
+  guard = Guard(DaemonConfig(max_load=1.0, load_seconds=0.0), cpus=2)
+  # Our learner uses 2 CPUs for 10 minutes: the damped average reaches ~2.
+  for t in range(0, 601, 5):
+    guard.observe_own(float(t), 2.0 * t)
+  assert guard.own_cpus == pytest.approx(2.0, abs=1e-3)
+  assert guard.check(600.0, False, 3.5) is None   # others: 1.5 / 2 CPUs = 0.75
+  assert guard.check(601.0, False, 5.0) is not None  # others: 3 / 2 = 1.5
+  guard = Guard(DaemonConfig(max_load=0.0, load_seconds=0.0), cpus=1)
+  assert guard.check(0.0, False, 100.0) is None     # max_load 0: load never pauses
+  assert Guard(DaemonConfig(pause_on_battery=False)).check(0.0, True, None) is None
+
+
+def fake_run(run_dir: Path, steps: list[int], bytes_per_step: int = 100) -> None:
+  """A run directory as the learner leaves it, with versions that are plain files."""
+  versions = run_dir / "versions"
+  for step in steps:
+    (versions / str(step)).mkdir(parents=True, exist_ok=True)
+    (versions / str(step) / "state").write_text(f"state of {step}")
+  registry = {"versions": [{"step": s, "bytes": s * bytes_per_step, "status": "kept",
+                            "scores": {"score": 1.0 / (1 + s)}} for s in steps],
+              "events": []}
+  (run_dir / "registry.json").write_text(json.dumps(registry))
+  (run_dir / "tokenizer.json").write_text('{"kind": "bytes"}')
+  (run_dir / "config.json").write_text('{"name": "fake"}')
+
+
+def test_backups_keep_the_last_n_and_skip_what_they_hold_already(tmp_path):
+  run, root = tmp_path / "run", tmp_path / "backups"
+  made = []
+  for step in (10, 20, 30, 40, 50):
+    fake_run(run, [0, step])
+    made.append(backups.make_backup(run, root, keep=3))
+    assert backups.make_backup(run, root, keep=3) is None  # nothing new: no second copy
+    time.sleep(0.01)
+  kept = backups.backups(root)
+  assert [p for p, _ in kept] == made[-3:]
+  assert [m["step"] for _, m in kept] == [30, 40, 50]
+  newest = made[-1]
+  assert sorted(p.name for p in (newest / "versions").iterdir()) == ["0", "50"]
+  assert (newest / "versions" / "50" / "state").read_text() == "state of 50"
+  assert json.loads((newest / "backup.json").read_text())["bytes"] == 5000
+  # A crash while writing one leaves a partial backup: never listed, removed on start.
+  (root / ".partial-20990101T000000Z-v60").mkdir()
+  assert len(backups.backups(root)) == 3
+  assert backups.remove_partial(root) == [".partial-20990101T000000Z-v60"]
+  assert backups.rotate(root, 1) == [p for p, _ in kept[:2]]
+  assert backups.backups(tmp_path / "none") == []
+
+
+def test_a_backup_comes_back_with_the_run_set_aside(tmp_path):
+  from streamlearn.cli.main import main
+
+  run, root = tmp_path / "run", tmp_path / "backups"
+  fake_run(run, [0, 20])
+  made = backups.make_backup(run, root, keep=4)
+  fake_run(run, [0, 20, 40, 60])   # the run went on
+  assert main(["restore", "--backup", str(made)]) == 0  # into the run it was taken of
+  assert sorted(p.name for p in (run / "versions").iterdir()) == ["0", "20"]
+  aside = next((run / "aside").iterdir())
+  assert sorted(p.name for p in aside.iterdir()) == ["0", "20", "40", "60", "registry.json"]
+  registry = json.loads((run / "registry.json").read_text())
+  assert [v["step"] for v in registry["versions"]] == [0, 20]
+  assert registry["events"][-1]["kind"] == "restore_backup"
+  assert registry["events"][-1]["to"] == 20
+  # Not a backup, or a run in use: one line, nothing changed.
+  assert main(["restore", "--backup", str(tmp_path)]) == 2
+  from streamlearn.store.rundir import RunLock
+  lock = RunLock(run)
+  try:
+    with pytest.raises(backups.BackupError, match="in use.*nothing changed"):
+      backups.restore_backup(made, run)
+  finally:
+    lock.release()
+  assert sorted(p.name for p in (run / "versions").iterdir()) == ["0", "20"]
+
+
+def test_status_reads_the_directory_even_with_no_daemon(tmp_path, capsys):
+  from streamlearn.cli.main import main
+
+  config = load_config(None, [f'daemon.dir="{tmp_path}"'])
+  layout = Layout(config)
+  fake_run(layout.run, [0, 30], bytes_per_step=10)
+  layout.spool.mkdir()
+  item = b"\x1e2026-12-02T00:00:00Z push 12 client\nhello world\n"
+  spoolfile.segment_path(layout.spool, 1).write_bytes(item * 25)
+  spoolfile.manifest_path(layout.spool, 1).write_text(json.dumps(
+      {"sealed": True, "text_bytes": 300}))
+  spoolfile.segment_path(layout.spool, 2).write_bytes(item + item[:20])  # torn tail
+  backups.make_backup(layout.run, layout.backups, keep=2)
+  status = gather(layout)
+  assert status["captured_bytes"] == 312 and status["ready_bytes"] == 300
+  assert status["learned_bytes"] == 300 and status["waiting_bytes"] == 12
+  assert status["latest_version"]["step"] == 30
+  assert len(status["backups"]) == 1 and not status["daemon"]["running"]
+  assert main(["status", "--set", f'daemon.dir="{tmp_path}"', "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["captured_bytes"] == 312
+  assert "312 B captured, 300 B learned, 12 B waiting" in text(status)
+  assert main(["status", "--set", f'daemon.dir="{tmp_path / "nowhere"}"']) == 2
+
+
+def listen(tmp_path: Path) -> socket.socket:
+  sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+  sock.bind(str(tmp_path / "notify"))
+  sock.settimeout(0.5)
+  return sock
+
+
+def heard(sock: socket.socket) -> list[str]:
+  messages = []
+  try:
+    while True:
+      messages.append(sock.recv(4096).decode())
+  except (TimeoutError, socket.timeout):
+    return messages
+
+
+def test_notify_speaks_systemds_protocol(tmp_path, monkeypatch):
+  sock = listen(tmp_path)
+  monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+  monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+  notifier = Notifier()
+  assert notifier.watchdog_s == 1.0 and notifier.send("READY=1")
+  notifier.watchdog(10.0)
+  notifier.watchdog(10.5)   # within half the interval: not again
+  notifier.watchdog(11.0)
+  assert heard(sock) == ["READY=1", "WATCHDOG=1", "WATCHDOG=1"]
+  for _ in range(1000):  # nobody reads: the sender must not block
+    notifier.send("STATUS=busy")
+  monkeypatch.delenv("NOTIFY_SOCKET")
+  assert not Notifier().send("READY=1")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_the_systemd_unit_verifies(tmp_path):
+  home = tmp_path / "home"
+  (home / ".local" / "bin").mkdir(parents=True)
+  (home / ".local" / "bin" / "streamlearn").symlink_to(Path(sys.executable).parent / "streamlearn")
+  unit = tmp_path / "streamlearn.service"
+  shutil.copy(ROOT / "configs" / "streamlearn.service", unit)
+  runtime = tmp_path / "runtime"
+  runtime.mkdir(mode=0o700)
+  env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
+  done = subprocess.run(["systemd-analyze", "verify", "--user", str(unit)], capture_output=True,
+                        text=True, env=env, timeout=60)
+  problems = [line for line in done.stderr.splitlines() if str(unit) in line or "streamlearn" in line]
+  assert done.returncode == 0 and not problems, done.stderr
+  text_ = unit.read_text()
+  for line in ("Type=notify", "Restart=on-failure", "WatchdogSec=", "WantedBy=default.target"):
+    assert line in text_
+
+
+# --- the whole daemon -----------------------------------------------------------------------
+
+
+def wait_until(what: str, check, timeout_s: float = 90.0, every_s: float = 0.25):
+  deadline = time.monotonic() + timeout_s
+  while True:
+    value = check()
+    if value:
+      return value
+    if time.monotonic() > deadline:
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(every_s)
+
+
+def http(address: str, path: str, data: bytes | None = None, content_type="text/plain"):
+  request = urllib.request.Request(f"http://{address}{path}", data=data,
+                                   headers={"Content-Type": content_type})
+  with urllib.request.urlopen(request, timeout=60) as response:
+    return json.loads(response.read())
+
+
+class Daemon:
+  """`streamlearn daemon` in a child process, on a temporary directory, as a user runs it."""
+
+  def __init__(self, root: Path, notify: Path):
+    self.root, self.notify = root, notify
+    self.config = load_config(None, self.sets())
+    self.layout = Layout(self.config)
+    self.process = None
+
+  def sets(self) -> list[str]:
+    sets = [SAFE[i + 1] for i, a in enumerate(SAFE) if a == "--set"]
+    return sets + [
+        f'daemon.dir="{self.root / "home"}"', 'daemon.backup_every="2s"', "daemon.keep_backups=2",
+        "daemon.max_load=0", f'daemon.power_supply="{self.root / "power"}"',
+        "daemon.stop_seconds=60", f'capture.folders=["{self.root / "notes"}"]',
+        'capture.push="127.0.0.1:0"', "capture.seal_seconds=1", "capture.poll_seconds=0.5",
+        "capture.settle_seconds=0.2", "capture.min_free_mb=1", "serve.port=0",
+        "serve.reload_seconds=1", "checkpoint.idle_seconds=1"]
+
+  def start(self):
+    argv = [sys.executable, "-m", "streamlearn", "daemon", "--config", SAFE[1]]
+    for s in self.sets():
+      argv += ["--set", s]
+    env = {**os.environ, "NOTIFY_SOCKET": str(self.notify), "WATCHDOG_USEC": "1000000"}
+    self.process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+    return self
+
+  def status(self) -> dict:
+    return gather(self.layout)
+
+  def child(self, name: str) -> dict:
+    return self.status()["children"].get(name, {})
+
+  def running(self, *names, restarts: int | None = None) -> bool:
+    status = self.status()
+    return status["daemon"]["running"] and all(
+        status["children"].get(n, {}).get("state") == "running"
+        and status["children"][n].get("address" if n != "learner" else "pid")
+        and (restarts is None or status["children"][n]["restarts"] == restarts) for n in names)
+
+  def log(self) -> str:
+    return (self.layout.logs / "daemon.log").read_text()
+
+
+def version_record(run_dir: Path, step: int) -> dict:
+  from streamlearn.config import CheckpointConfig
+  from streamlearn.store.checkpoint import Checkpointer
+
+  checkpointer = Checkpointer(run_dir, CheckpointConfig())
+  try:
+    return checkpointer.read_record(step)[0]
+  finally:
+    checkpointer.close()
+
+
+def spool_bytes_before(spool: Path, segment: int, offset: int) -> int:
+  """The items' text bytes in the spool before a learner's position (segment, offset)."""
+  total = 0
+  for n in range(1, segment + 1):
+    data = spoolfile.segment_path(spool, n).read_bytes()
+    for _, start, end in spoolfile.items(data):
+      total += end - start if n < segment else max(0, min(end, offset) - start)
+  return total
+
+
+def learned_exactly_once(daemon: Daemon) -> bool:
+  """The newest version learned every spooled byte before its position exactly once (its
+  bytes plus those it holds pending add up to them), and everything captured is sealed and
+  learned but for less than one chunk (the tokens that wait for the next)."""
+  from streamlearn.data.stream import decode_tokens
+  from streamlearn.data.tokenizer import load_tokenizer
+
+  status = daemon.status()
+  latest = status["latest_version"]
+  if not latest or status["ready_bytes"] != status["captured_bytes"]:
+    return False
+  position = version_record(daemon.layout.run, latest["step"])["position"]
+  pending = decode_tokens(position["pending"])
+  pending_bytes = int(load_tokenizer(daemon.layout.run).token_bytes[pending].sum())
+  source = position["source"]
+  before = spool_bytes_before(daemon.layout.spool, source["segment"], source["offset"])
+  assert latest["bytes"] + pending_bytes == before, "a byte learned twice, or lost"
+  return status["captured_bytes"] - latest["bytes"] < daemon.config.data.chunk_tokens
+
+
+def push(daemon: Daemon, text: str) -> dict:
+  return http(daemon.child("capture")["address"], "/ingest", text.encode())
+
+
+def kill9(daemon: Daemon, name: str) -> int:
+  pid = daemon.child(name)["pid"]
+  os.kill(pid, signal.SIGKILL)
+  return pid
+
+
+def test_the_daemon_captures_learns_serves_and_survives_kill_9(tmp_path):
+  notes = tmp_path / "notes"
+  notes.mkdir()
+  sock = listen(tmp_path)
+  daemon = Daemon(tmp_path, tmp_path / "notify").start()
+  try:
+    # --- up: capture first; the learner once there is text; the server once it has a version
+    wait_until("capture", lambda: daemon.running("capture"))
+    assert daemon.child("learner")["state"] == "waiting"
+    (notes / "a.txt").write_text("The river bends twice before the mill. " * 30)
+    (notes / "b.md").write_text("Mill wheels turn slowly in the autumn. " * 30)
+    assert push(daemon, "A pushed note about the river and the mill.") == \
+        {"captured": 1, "duplicate": False}
+    wait_until("the server", lambda: daemon.running("capture", "learner", "server"))
+    wait_until("every byte learned", lambda: learned_exactly_once(daemon))
+    server = daemon.child("server")["address"]
+    answer = http(server, "/api/generate", json.dumps(
+        {"prompt": "The river", "stream": False, "options": {"num_predict": 8}}).encode(),
+        "application/json")
+    assert answer["done"] and answer["model"].startswith("run:")
+    assert http(server, "/api/status")["captured_bytes"] > 0
+    messages = heard(sock)
+    assert messages[0] == "READY=1" and "WATCHDOG=1" in messages
+    assert any(m.startswith("STATUS=") for m in messages)
+
+    # --- kill -9 of each child in turn: it comes back, nothing is lost or learned twice
+    for n, name in enumerate(("capture", "learner", "server")):
+      before = daemon.status()["latest_version"]["step"]
+      old = kill9(daemon, name)
+      wait_until(f"{name} restarted", lambda: daemon.running(name, restarts=1)
+                 and daemon.child(name)["pid"] != old)
+      (notes / f"after-{name}.txt").write_text(f"Written after {name} was killed. " * (20 + n))
+      push(daemon, f"Pushed after {name} was killed, item {n}.")
+      wait_until("every byte learned", lambda: learned_exactly_once(daemon))
+      assert daemon.status()["latest_version"]["step"] >= before
+    registry = json.loads((daemon.layout.run / "registry.json").read_text())
+    assert all(v["status"] in ("kept", "rotated") for v in registry["versions"])
+
+    # --- on battery: learning pauses (the learner is stopped), capture goes on
+    bat = {"type": "Battery", "status": "Discharging"}
+    power(tmp_path / "power", BAT0=bat, AC={"type": "Mains", "online": "0"})
+    wait_until("paused", lambda: daemon.status()["paused"] == "on battery")
+    learner = daemon.child("learner")["pid"]
+    assert Path(f"/proc/{learner}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    push(daemon, "Captured while the learner is paused on battery. " * 10)
+    time.sleep(2.0)
+    assert not learned_exactly_once(daemon)   # captured, not learned
+    power(tmp_path / "power", BAT0=bat, AC={"type": "Mains", "online": "1"})
+    wait_until("resumed", lambda: daemon.child("learner")["state"] == "running")
+    wait_until("every byte learned", lambda: learned_exactly_once(daemon))
+
+    # --- kill -9 of the daemon: its children follow it (SIGTERM: the learner saves)
+    children = [daemon.child(n)["pid"] for n in ("capture", "learner", "server")]
+    os.kill(daemon.process.pid, signal.SIGKILL)
+    daemon.process.wait()
+    wait_until("the children gone", lambda: not any(Path(f"/proc/{p}").exists()
+                                                    for p in children), timeout_s=60)
+    saved = daemon.status()["latest_version"]["step"]
+    daemon.start()
+    wait_until("up again", lambda: daemon.running("capture", "learner", "server", restarts=0))
+    assert daemon.status()["latest_version"]["step"] >= saved
+    push(daemon, "Pushed after the daemon itself was killed.")
+    wait_until("every byte learned", lambda: learned_exactly_once(daemon))
+
+    # --- backups every 2 s: exactly keep_backups (2) of them, whole
+    wait_until("a third backup", lambda: daemon.log().count("backup: ") >= 3)
+    assert len(daemon.status()["backups"]) == 2
+
+    # --- SIGTERM: capture, then the learner, then the server; exit code 0
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=120) == 0
+    log = daemon.log()
+    stops = [log.index(f"{n}: stopped (exit code 0)") for n in ("capture", "learner", "server")]
+    assert stops == sorted(stops)
+    assert not daemon.status()["daemon"]["running"]
+    assert "Traceback" not in log
+  finally:
+    if daemon.process.poll() is None:
+      daemon.process.kill()
+    for child in daemon.status()["children"].values():
+      if child.get("pid"):
+        try:
+          os.kill(child["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+          pass
+
+  # --- a backup brings the run back to its version
+  newest = backups.backups(daemon.layout.backups)[-1]
+  message = backups.restore_backup(newest[0])
+  assert f"back at version {newest[1]['step']}" in message
+  assert backups.newest_version(daemon.layout.run)[0] == newest[1]["step"]
