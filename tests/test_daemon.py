@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -222,6 +223,95 @@ def test_the_systemd_unit_verifies(tmp_path):
     assert line in text_
 
 
+# The children are started with a preexec_fn (fork, then exec): harmless here, where the fork
+# execs at once; the daemon itself never imports JAX.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_a_child_that_keeps_dying_is_restarted_with_back_off_then_said_once(caplog):
+  from streamlearn.daemon.children import FAILURES_TO_SAY, Child, Spec
+
+  child = Child(Spec("flaky", lambda: [sys.executable, "-c", "print('no config'); exit(3)"]),
+                backoff_s=0.01)
+  child.start()
+  with caplog.at_level("INFO", logger="streamlearn.daemon"):
+    while child.failures < FAILURES_TO_SAY:
+      child.process.wait()
+      child.poll()   # noticed: the back-off doubles, 0.01 s, 0.02 s, ...
+      assert child.next_start - time.monotonic() <= 0.01 * 2 ** (child.failures - 1)
+      time.sleep(max(child.next_start - time.monotonic(), 0) + 0.01)
+      child.poll()   # started again
+  errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+  assert errors == [f"error: flaky failed {FAILURES_TO_SAY} times in a row (exit code 3; last "
+                    f"words: no config); trying again in 0 s, and so on"]
+  assert child.restarts == FAILURES_TO_SAY and child.last_exit == 3
+  assert len(child.deaths) == FAILURES_TO_SAY and "exit code 3" in child.deaths[-1]
+  child.stop(5.0)
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_a_child_pauses_resumes_and_is_killed_when_it_will_not_stop():
+  from streamlearn.daemon.children import Child, Spec
+
+  stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+  child = Child(Spec("stubborn", lambda: [sys.executable, "-c", stubborn], nice=5))
+  child.start()
+  wait_until("it runs", lambda: child.tail)
+  state = lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+  assert int(state()[16]) == min(os.nice(0) + 5, 19)   # niceness: lowered by 5
+  child.pause("on battery")
+  wait_until("stopped", lambda: state()[0] == "T")
+  assert child.to_json()["state"] == "paused" and child.to_json()["paused_for"] == "on battery"
+  child.resume()
+  wait_until("running", lambda: state()[0] != "T")
+  started = time.monotonic()
+  assert child.stop(1.0) == -signal.SIGKILL   # it ignores SIGTERM: killed after 1 s
+  assert 1.0 <= time.monotonic() - started < 10.0
+
+
+def test_capture_pauses_below_the_disk_floor(tmp_path):
+  from streamlearn.capture.collect import Capture, Folders
+  from streamlearn.capture.push import make_push_server
+  from streamlearn.capture.spool import Spool
+  import threading
+
+  cfg = load_config(None, ["capture.settle_seconds=0", "capture.min_free_mb=1e12"]).capture
+  capture = Capture(cfg, Spool(tmp_path / "spool", cfg.segment_bytes))
+  server = make_push_server(capture, "127.0.0.1", 0)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    address = f"127.0.0.1:{server.server_address[1]}"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+      http(address, "/ingest", b"text that must wait for room")
+    assert refused.value.code == 507
+    assert "capture.min_free_mb" in json.loads(refused.value.read())["error"]
+  finally:
+    server.shutdown()
+  assert capture.disk_low()
+  capture.cfg = load_config(None, ["capture.min_free_mb=0"]).capture
+  assert not capture.disk_low()
+  assert not list((tmp_path / "spool").glob("segment-*.txt"))   # nothing reached the disk
+
+
+def test_the_log_rotates_by_size(tmp_path):
+  import logging
+
+  from streamlearn.cli.daemon import log_to_file
+
+  log_to_file(DaemonConfig(log_bytes=2000, log_files=2), tmp_path)
+  logger = logging.getLogger("streamlearn.daemon")
+  try:
+    for i in range(200):
+      logger.warning(f"line {i:04d} " + "x" * 40)
+  finally:
+    for handler in list(logging.getLogger("streamlearn").handlers):
+      if getattr(handler, "baseFilename", "").startswith(str(tmp_path)):
+        logging.getLogger("streamlearn").removeHandler(handler)
+        handler.close()
+  files = sorted(p.name for p in tmp_path.iterdir())
+  assert files == ["daemon.log", "daemon.log.1", "daemon.log.2"]
+  assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
+  assert "line 0199" in (tmp_path / "daemon.log").read_text()
+
+
 # --- the whole daemon -----------------------------------------------------------------------
 
 
@@ -382,7 +472,9 @@ def test_the_daemon_captures_learns_serves_and_survives_kill_9(tmp_path):
     power(tmp_path / "power", BAT0=bat, AC={"type": "Mains", "online": "0"})
     wait_until("paused", lambda: daemon.status()["paused"] == "on battery")
     learner = daemon.child("learner")["pid"]
-    assert Path(f"/proc/{learner}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    stat = Path(f"/proc/{learner}/stat").read_text().rsplit(")", 1)[1].split()
+    assert stat[0] == "T"                                # stopped where it was
+    assert int(stat[16]) == min(os.nice(0) + 10, 19)     # at a lower priority (daemon.nice)
     push(daemon, "Captured while the learner is paused on battery. " * 10)
     time.sleep(2.0)
     assert not learned_exactly_once(daemon)   # captured, not learned

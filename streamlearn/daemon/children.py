@@ -24,7 +24,7 @@ from typing import Callable
 
 log = logging.getLogger("streamlearn.daemon")
 
-BACKOFF_MAX_S = 60.0    # restarts wait 1, 2, 4, ... seconds, at most this
+BACKOFF_MAX_S = 60.0    # restarts wait 1, 2, 4, ... seconds (Child.backoff_s doubled), at most this
 HEALTHY_S = 60.0        # a child that ran this long before it died starts a fresh count
 FAILURES_TO_SAY = 5     # after this many failures in a row, one clear error line
 _ADDRESS = re.compile(r"http://([\w.\-\[\]:]+:\d+)/")
@@ -57,8 +57,8 @@ def _child_setup(nice: int, parent: int):
 class Child:
   """One supervised process. `poll()` from the daemon's loop restarts it when it died."""
 
-  def __init__(self, spec: Spec, env: dict | None = None):
-    self.spec, self.env = spec, env
+  def __init__(self, spec: Spec, env: dict | None = None, backoff_s: float = 1.0):
+    self.spec, self.env, self.backoff_s = spec, env, backoff_s
     self.process: subprocess.Popen | None = None
     self.state = "waiting"      # waiting, running, paused, backing off, failing, stopped
     self.since = time.time()
@@ -133,7 +133,7 @@ class Child:
     self.last_exit = code
     ran = now - self.started_at
     self.failures = self.failures + 1 if ran < HEALTHY_S else 1
-    wait = min(BACKOFF_MAX_S, 2.0 ** (self.failures - 1))
+    wait = min(BACKOFF_MAX_S, self.backoff_s * 2.0 ** (self.failures - 1))
     self.next_start = now + wait
     why = f"exit code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
     last = f"; last words: {self.tail[-1]}" if self.tail else ""
@@ -142,11 +142,11 @@ class Child:
     if self.failures >= FAILURES_TO_SAY:
       self._set("failing")
       log.error(f"error: {self.name} failed {self.failures} times in a row ({why}{last}); "
-                f"trying again every {BACKOFF_MAX_S:.0f} s")
+                f"trying again in {wait:.0f} s, and so on")
     else:
       self._set("backing off")
       log.warning(f"warning: {self.name} stopped ({why}{last}); starting it again in "
-                  f"{wait:.0f} s")
+                  f"{wait:.2g} s")
 
   def pause(self, why: str) -> None:
     """Stops the child where it is (SIGSTOP): nothing is lost, it goes on at `resume`."""
