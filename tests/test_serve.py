@@ -108,13 +108,27 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(finished_run, tmp_path_factory):
+  from streamlearn.daemon.status import Layout, gather
+
   tmp = tmp_path_factory.mktemp("serve")
+  # As under the daemon: its status.json, shown at /api/status and on the page.
+  layout = Layout(load_config(None, [f'daemon.dir="{tmp / "daemon"}"']))
+  layout.root.mkdir()
+  layout.status.write_text(json.dumps(gather(layout, {"children": {"learner": {
+      "state": "paused", "since": 0, "restarts": 2, "paused_for": "on battery"}}})))
   cfg = load_config(None, ["serve.max_concurrent=1", "serve.queue_seconds=20",
-                           "serve.max_tokens=300", "serve.max_body_bytes=4096"]).serve
+                           "serve.max_tokens=300", "serve.max_body_bytes=4096",
+                           f'serve.status_file="{layout.status}"']).serve
   s = Served(finished_run.run_dir, cfg, tmp)
   yield s
   s.server.shutdown()
   s.server.server_close()
+
+
+def test_the_daemons_status_is_served(served):
+  status, body = served.json("GET", "/api/status")
+  assert status == 200 and body["children"]["learner"]["paused_for"] == "on battery"
+  assert body["captured_bytes"] == 0 and body["latest_version"] is None
 
 
 def test_the_pool_is_the_newest_and_the_best_versions(served, finished_run):
@@ -358,5 +372,10 @@ def test_the_page_asks_streams_rates_and_shows_the_pool(served):
       sync_api.expect(page.locator("#rated")).to_have_text("thanks: liked")
       sync_api.expect(row.nth(3)).to_have_text(str(ratings + 1))
       assert not page.inner_text("#error")
+      # Under the daemon the page shows what `streamlearn status` does.
+      sync_api.expect(page.locator("#daemon-status")).to_contain_text(
+          "learner: paused, 2 restart(s) (on battery)")
+      sync_api.expect(page.locator("#daemon-status")).to_contain_text(
+          "0.0 KB captured, 0.0 KB learned")
     finally:
       browser.close()
