@@ -346,7 +346,8 @@ class Daemon:
     sets = [SAFE[i + 1] for i, a in enumerate(SAFE) if a == "--set"]
     return sets + [
         f'daemon.dir="{self.root / "home"}"', 'daemon.backup_every="2s"', "daemon.keep_backups=2",
-        "daemon.max_load=0", f'daemon.power_supply="{self.root / "power"}"',
+        "daemon.max_load=1", "daemon.load_seconds=0", f'daemon.loadavg="{self.root / "load"}"',
+        f'daemon.power_supply="{self.root / "power"}"',
         "daemon.stop_seconds=60", f'capture.folders=["{self.root / "notes"}"]',
         'capture.push="127.0.0.1:0"', "capture.seal_seconds=1", "capture.poll_seconds=0.5",
         "capture.settle_seconds=0.2", "capture.min_free_mb=1", "serve.port=0",
@@ -393,7 +394,10 @@ def spool_bytes_before(spool: Path, segment: int, offset: int) -> int:
   """The items' text bytes in the spool before a learner's position (segment, offset)."""
   total = 0
   for n in range(1, segment + 1):
-    data = spoolfile.segment_path(spool, n).read_bytes()
+    path = spoolfile.segment_path(spool, n)
+    if not path.exists():  # past the last segment
+      break
+    data = path.read_bytes()
     for _, start, end in spoolfile.items(data):
       total += end - start if n < segment else max(0, min(end, offset) - start)
   return total
@@ -429,7 +433,10 @@ def kill9(daemon: Daemon, name: str) -> int:
   return pid
 
 
-def test_the_daemon_captures_learns_serves_and_survives_kill_9(tmp_path):
+def test_the_daemon_captures_learns_serves_and_survives_kill_9(tmp_path, capsys):
+  from streamlearn.api import Learner
+  from streamlearn.cli.main import main
+
   notes = tmp_path / "notes"
   notes.mkdir()
   sock = listen(tmp_path)
@@ -480,7 +487,17 @@ def test_the_daemon_captures_learns_serves_and_survives_kill_9(tmp_path):
     assert not learned_exactly_once(daemon)   # captured, not learned
     power(tmp_path / "power", BAT0=bat, AC={"type": "Mains", "online": "1"})
     wait_until("resumed", lambda: daemon.child("learner")["state"] == "running")
+    # ...and while other programs keep the machine busy (daemon.max_load per CPU)
+    (tmp_path / "load").write_text(f"{50.0 * os.cpu_count():.2f} 1.0 1.0 1/100 1\n")
+    wait_until("paused", lambda: (daemon.status()["paused"] or "").startswith("load: other"))
+    (tmp_path / "load").write_text("0.00 0.00 0.00 1/100 1\n")
+    wait_until("resumed", lambda: daemon.child("learner")["state"] == "running")
     wait_until("every byte learned", lambda: learned_exactly_once(daemon))
+    assert main(["status", "--set", f'daemon.dir="{daemon.layout.root}"', "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["captured_bytes"] == spool_bytes_before(daemon.layout.spool, 10**6, 0) \
+        == daemon.status()["captured_bytes"]
+    assert shown["latest_version"]["step"] == daemon.status()["latest_version"]["step"]
 
     # --- kill -9 of the daemon: its children follow it (SIGTERM: the learner saves)
     children = [daemon.child(n)["pid"] for n in ("capture", "learner", "server")]
@@ -522,3 +539,7 @@ def test_the_daemon_captures_learns_serves_and_survives_kill_9(tmp_path):
   message = backups.restore_backup(newest[0])
   assert f"back at version {newest[1]['step']}" in message
   assert backups.newest_version(daemon.layout.run)[0] == newest[1]["step"]
+  record = version_record(daemon.layout.run, newest[1]["step"])
+  assert record["totals"]["bytes"] == newest[1]["bytes"]
+  learner = Learner.load(daemon.layout.run)   # it loads: the backup is a whole version
+  assert int(learner.state.step) == record["learner_step"]

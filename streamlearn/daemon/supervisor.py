@@ -128,28 +128,27 @@ class Daemon:
 
   def run(self) -> int:
     self.open()
-    signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.set())
+    # SIGTERM and Ctrl-C ask the loop to stop; the way out is the same orderly one either way.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, lambda *_: self.stop_requested.set())
     log.info(f"daemon: {self.layout.root} (pid {os.getpid()}); backups every "
              f"{self.cfg.backup_every}, {self.cfg.keep_backups} kept; Ctrl-C stops")
     self.notifier.send("READY=1")
     next_status = next_backup = 0.0
-    try:
-      while not self.stop_requested.is_set():
-        now = time.monotonic()
-        self._start_waiting()
-        for child in self.children:
-          child.poll()
-        self._apply_guard(now)
-        if now >= next_backup:
-          self._backup_if_due()
-          next_backup = now + min(self.every_s / 4, 60.0)
-        if now >= next_status:
-          self.write_status()
-          next_status = now + STATUS_EVERY_S
-        self.notifier.watchdog(now)
-        self.stop_requested.wait(TICK_S)
-    except KeyboardInterrupt:
-      pass
+    while not self.stop_requested.is_set():
+      now = time.monotonic()
+      self._start_waiting()
+      for child in self.children:
+        child.poll()
+      self._apply_guard(now)
+      if now >= next_backup:
+        self._backup_if_due()
+        next_backup = now + min(self.every_s / 4, 60.0)
+      if now >= next_status:
+        self.write_status()
+        next_status = now + STATUS_EVERY_S
+      self.notifier.watchdog(now)
+      self.stop_requested.wait(TICK_S)
     return self.shutdown()
 
   def _apply_guard(self, now: float) -> None:
