@@ -291,6 +291,17 @@ def test_capture_pauses_below_the_disk_floor(tmp_path):
   assert not list((tmp_path / "spool").glob("segment-*.txt"))   # nothing reached the disk
 
 
+def test_one_daemon_per_directory(tmp_path):
+  from streamlearn.daemon.supervisor import Daemon as Supervisor, DaemonError
+
+  config = load_config(None, [f'daemon.dir="{tmp_path}"'])
+  first = Supervisor(config, None, [])
+  first.open()
+  with pytest.raises(DaemonError, match=f"{tmp_path} is in use by another daemon"):
+    Supervisor(config, None, []).open()
+  assert {p.name for p in tmp_path.iterdir()} >= {"spool", "backups", "daemon.lock"}
+
+
 def test_the_log_rotates_by_size(tmp_path):
   import logging
 
