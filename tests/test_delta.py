@@ -72,21 +72,26 @@ def test_the_learner_pairs_each_chunk_with_the_forecast_made_lag_ticks_before(fu
 
 
 def test_each_chunk_is_scored_before_any_update_that_saw_it(full, rng):
-  # Prequential, as the plain learner is: changing chunk k changes no score before it.
+  # Prequential, as the plain learner is: each chunk's score is the one the same step gives
+  # it with every update scaled to nothing (so no update on it came first), and changing
+  # chunk k changes no score before it.
   step = full[2]
 
   def scores(chunks):
-    state, bits = fresh(full), []
+    state, bits, frozen = fresh(full), [], []
     for tokens in chunks:
+      still = copy(state).replace(lr_scale=state.lr_scale * 0)
+      frozen.append(float(step(still, chunk_of(tokens))[1]["bits"]))
       state, metrics = step(state, chunk_of(tokens))
       bits.append(float(metrics["bits"]))
-    return bits
+    return bits, frozen
 
   chunks = [rng.integers(0, 256, T) for _ in range(6)]
-  bits = scores(chunks)
+  bits, frozen = scores(chunks)
+  assert bits == frozen
   changed = list(chunks)
   changed[3] = rng.integers(0, 256, T)
-  again = scores(changed)
+  again, _ = scores(changed)
   assert again[:3] == bits[:3] and again[3] != bits[3]
 
 

@@ -1,5 +1,6 @@
 """The µLM swarm: vmapped step, PBT replacement, lineage, compilations, sharding, the CLI."""
 
+import functools
 import json
 import os
 import socket
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +18,17 @@ import pytest
 from streamlearn import Learner
 from streamlearn.cli.run import main
 from streamlearn.config import SwarmConfig, config_from_dict
+from streamlearn.data.stream import chunk_bytes
+from streamlearn.data.tokenizer import ByteTokenizer
 from streamlearn.learn.build import build
 from streamlearn.learn.state import init_learner
+from streamlearn.learn.step import make_score
 from streamlearn.run.loop import run
-from streamlearn.run.session import open_session
-from streamlearn.store.checkpoint import Checkpointer, VersionError, abstract_like
+from streamlearn.run.rollback import _confirmed
+from streamlearn.run.safety import Alarm
+from streamlearn.run.session import Session, open_session
+from streamlearn.run.tags import NoWriter
+from streamlearn.store.checkpoint import Checkpointer, Restored, VersionError, abstract_like
 from streamlearn.swarm.pbt import Population
 from streamlearn.swarm.swarm import Swarm, initial_state, member_state
 from swarm_runs import BOS, ROOT, TINY, VOCAB, random_chunk, swarm_config, trajectory
@@ -157,6 +165,35 @@ def test_a_resampled_copy_draws_from_the_initial_range():
     parent = pop.members[child["parent"]]
     assert 0.5 <= child["hp"]["lr"] <= 2.0 and 0.005 <= 1 - child["hp"]["ema_decay"] <= 0.02
     assert all(abs(child["hp"]["lr"] / parent["hp"]["lr"] - f) > 1e-9 for f in (0.8, 1.2))
+
+
+@pytest.mark.parametrize("version_leader, confirmed", [(1, True), (2, False)])
+def test_a_spike_is_confirmed_on_each_swarms_own_leader(version_leader, confirmed):
+  # The leader path of the spike confirmation (rollback._confirmed): the run now is judged
+  # by today's leader (slot 2), the version to restore by the leader its own record names.
+  # Every member but slot 1 of the version predicts wildly (parameters x10): the version
+  # does clearly better only when its leader is slot 1.
+  config = swarm_config()
+  swarm = Swarm(config, VOCAB, BOS)
+  swarm.population.leader = 2
+  saved = {**swarm.population.to_json(), "leader": version_leader}
+  state = initial_state(config, VOCAB, BOS)
+  wild = lambda keep: jax.tree.map(lambda x: x.at[np.arange(4) != keep].multiply(10.0),
+                                   state.params)
+  predictor = build(config, VOCAB)[0]
+  events = []
+  session = SimpleNamespace(
+      config=config, swarm=swarm, predictor=predictor, tokenizer=SimpleNamespace(bos_id=BOS),
+      score_fn=make_score(predictor),
+      registry=SimpleNamespace(add_event=events.append, write=lambda: None))
+  session.leader_params = functools.partial(Session.leader_params, session)
+  window = tuple(chunk_bytes(stdlib_text(256), ByteTokenizer(), 64))
+  got = Restored(20, state.replace(params=wild(keep=1)), {"swarm": saved}, {}, [])
+  now = SimpleNamespace(state=state.replace(params=wild(keep=-1)))
+  alarm = Alarm("spike", 30, 28, "a test spike", window)
+  result = _confirmed(session, now, alarm, got, NoWriter())
+  assert result is confirmed
+  assert [e["kind"] for e in events] == ([] if confirmed else ["spike_ignored"])
 
 
 def test_lineage_stays_consistent_over_many_replacements(rng):
