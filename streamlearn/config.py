@@ -56,6 +56,26 @@ class MatchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CountsConfig:
+  """Hashed next-token counts per context order (streamlearn/nn/counts.py); read by the mixer."""
+  enabled: bool = False       # needs mixer.enabled: the counts reach the prediction through it
+  orders: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # context lengths counted, one table each
+  table_log2: int = 16        # slots per order's table: 2^16 contexts
+  keep: int = 8               # tokens (the most frequent) kept per context
+  limit: int = 255            # a count past this halves the context's counts (recent weighs more)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerConfig:
+  """The final prediction as a learned mix in logit space (streamlearn/nn/mixer.py)."""
+  enabled: bool = False       # mixes the network's, each count order's and the match model's
+  lr_mult: float = 20.0       # its weights learn this much faster than the network (0: fixed)
+  gate: bool = True           # a weight set per small context (count confidence, match length)
+  count_weight: float = 0.1   # each count order's starting weight (the network's is 1)
+  prior: float = 0.05         # pseudo-count of every token in a count prediction (learned on)
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
   kind: str = "bytes"         # bytes (256 + specials, no training) | bpe
   vocab_size: int = 1024      # bpe only: total vocabulary, specials included
@@ -256,6 +276,8 @@ class Config:
   seed: int = 0               # parameter init and every random draw of the run
   model: ModelConfig = ModelConfig()
   match: MatchConfig = MatchConfig()
+  counts: CountsConfig = CountsConfig()
+  mixer: MixerConfig = MixerConfig()
   tokenizer: TokenizerConfig = TokenizerConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
@@ -286,6 +308,12 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "match.history_log2": (lambda v: 8 <= v <= 28, "in [8, 28]"),
     "match.table_log2": (lambda v: 4 <= v <= 28, "in [4, 28]"),
     "match.lr_mult": _POSITIVE,
+    "counts.orders": (lambda v: len(v) > 0 and all(0 < o <= 64 for o in v) and len(set(v)) == len(v),
+                      "a non-empty list of distinct integers in [1, 64]"),
+    "counts.table_log2": (lambda v: 4 <= v <= 24, "in [4, 24]"),
+    "counts.keep": (lambda v: 1 <= v <= 64, "in [1, 64]"),
+    "counts.limit": (lambda v: 1 <= v <= 16383, "in [1, 16383]"),
+    "mixer.lr_mult": _NON_NEGATIVE, "mixer.prior": _POSITIVE,
     "tokenizer.kind": (lambda v: v in ("bytes", "bpe"), "one of bytes, bpe"),
     "tokenizer.vocab_size": (lambda v: v >= 259, ">= 259 (256 bytes + 3 specials)"),
     "tokenizer.warmup_bytes": _POSITIVE,
@@ -463,6 +491,9 @@ def _check_across(config: Config) -> None:
   if delta.lag == 0 and (delta.gate or delta.residual):
     key = "delta.gate" if delta.gate else "delta.residual"
     raise ConfigError(f"{key}: needs a forecast, and delta.lag = 0 makes none (set delta.lag >= 1)")
+  if config.counts.enabled and not config.mixer.enabled:
+    raise ConfigError("counts.enabled: the counts reach the prediction through the mixer "
+                      "(set mixer.enabled = true)")
   need = 2 * T + max(max(match.orders), match.max_len)
   if match.enabled and (1 << match.history_log2) < need:
     raise ConfigError(f"match.history_log2: 2^{match.history_log2} tokens of history is too "

@@ -31,6 +31,11 @@ ARRIVAL_DELTA = FULL_DELTA + ["delta.forecast_channel=false", "delta.residual=0"
                               "delta.arrival=true"]
 
 
+# Count models and the mixer on the tiny learner, small tables: one config for every test
+# that compiles them (one compiled step per process, shared through the cache).
+MIXER = ["counts.enabled=true", "mixer.enabled=true", "counts.table_log2=8"]
+
+
 def load_script(name):
   spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)

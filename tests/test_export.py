@@ -14,8 +14,8 @@ from streamlearn.api import load_artifact
 from streamlearn.cli.export import export as export_version
 from streamlearn.cli.export import main as export_cli
 from streamlearn.cli.generate import main as export_main
-from streamlearn.store.artifact import (ArtifactError, channel_axis, dequantize, quantize,
-                                        read_artifact)
+from streamlearn.store.artifact import (ArtifactError, channel_axis, dequantize, pack, quantize,
+                                        read_artifact, unpack)
 
 from safety_runs import stdlib_text
 
@@ -35,6 +35,14 @@ def test_the_embedding_is_scaled_per_token_everything_else_per_output():
   assert channel_axis("embed/embedding", 2) == 0
   assert channel_axis("mlp_0/down/kernel", 2) == 1
   assert channel_axis("recurrent_0/conv/kernel", 2) == 1
+
+
+def test_the_mixers_weights_stay_float32(rng):
+  weights = rng.normal(size=(168, 8)).astype(np.float32)   # above the int8 size
+  kernel = rng.normal(size=(64, 64)).astype(np.float32)
+  got = unpack(pack({"mixer": {"weights": weights}, "down": {"kernel": kernel}}, {}, {}, {}))
+  np.testing.assert_array_equal(got["params"]["mixer"]["weights"], weights)
+  assert not np.array_equal(got["params"]["down"]["kernel"], kernel)  # int8, as before
 
 
 @pytest.fixture(scope="module")

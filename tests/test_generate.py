@@ -16,20 +16,22 @@ from streamlearn.learn import sample as sample_lib
 from streamlearn.learn.chunk import Chunk
 from streamlearn.store.artifact import pack
 
-from safety_runs import ARRIVAL_DELTA, FULL_DELTA
+from safety_runs import ARRIVAL_DELTA, FULL_DELTA, MIXER
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.toml")
 SENTENCE = "The quick brown fox jumps over the lazy dog. "
 
 # Each kind of learner the sampler must follow: the byte model with and without the match
-# model, a BPE vocabulary, the delta learner reading its forecast beside the chunk, and
-# learning on arrival. (The delta configs are test_delta.py's: shared compilations. With
-# lag 0 the delta learner reads no forecast: the plain path, as "bytes".)
+# model, a BPE vocabulary, count models with the mixer, the delta learner reading its
+# forecast beside the chunk, and learning on arrival. (The delta configs are test_delta.py's:
+# shared compilations. With lag 0 the delta learner reads no forecast: the plain path, as
+# "bytes".)
 CONFIGS = {
     "bytes": [],
     "no-match": ["match.enabled=false"],
     "bpe": ["tokenizer.kind=bpe", "tokenizer.vocab_size=300"],
+    "mixer": MIXER,
     "delta": FULL_DELTA,
     "delta-arrival": ARRIVAL_DELTA,
 }
@@ -84,6 +86,8 @@ def test_the_sampler_reads_the_logits_the_step_scores(kind, rng):
 def test_one_pass_per_token_is_advance_over_that_token(rng):
   # The sampler reads the next prediction with a placeholder token, then puts the drawn one
   # in (Predictor.read_next / with_next): the carry must be advance's over the same token.
+  # (The count models keep a generated token pending till its chunk is full: the mixer's
+  # learner is checked against the step's chunks by the sampler test above.)
   learner = Learner.from_config(TINY)
   learner.feed(words_text(rng, 700))
   predictor, params = learner.predictor, learner.state.params
@@ -99,6 +103,23 @@ def test_one_pass_per_token_is_advance_over_that_token(rng):
     for x, y in zip(jax.tree.leaves(mine), jax.tree.leaves(want), strict=True):
       np.testing.assert_array_equal(x, y)
     carry = mine
+
+
+def test_with_the_mixer_a_tokens_score_never_sees_it_or_later_tokens(rng):
+  learner = Learner.from_config(TINY, MIXER)
+  T = learner.config.data.chunk_tokens
+  stream = rng.integers(97, 103, 3 * T)  # six letters: every context repeats, the counts matter
+  learner.feed(bytes(stream[:2 * T].astype(np.uint8)))  # weights and tables on the move
+  state, p = learner.state, T // 2
+  changed = stream[2 * T:].copy()
+  changed[p:] = 97 + (changed[p:] - 96) % 6
+  advance, n = jax.jit(learner.predictor.advance), jnp.full((1,), T, jnp.int32)
+  logits, _ = advance(state.params, state.carry, jnp.asarray(stream[None, 2 * T:]), n)
+  logits2, _ = advance(state.params, state.carry, jnp.asarray(changed[None]), n)
+  np.testing.assert_array_equal(logits[:, :p + 1], logits2[:, :p + 1])
+  assert not np.allclose(logits[:, p + 1:], logits2[:, p + 1:])
+  # The mix is not the network's alone: the count orders carry weight from the start.
+  assert float(jnp.abs(state.params["mixer"]["weights"][:, 1]).max()) > 0
 
 
 def learned_by_heart(overrides) -> Learner:

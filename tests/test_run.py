@@ -17,6 +17,8 @@ from streamlearn.learn.build import build
 from streamlearn.learn.state import init_learner
 from streamlearn.store.checkpoint import Checkpointer, abstract_like
 
+from safety_runs import MIXER
+
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml")
 
 pytestmark = pytest.mark.e2e
@@ -31,8 +33,8 @@ def text_file(tmp_path_factory):
   return path
 
 
-def final_state(run_dir):
-  config = load_config(TINY)
+def final_state(run_dir, overrides=()):
+  config = load_config(TINY, list(overrides))
   predictor, optimizer, _ = build(config, 259)
   fresh = init_learner(predictor, optimizer, seed=config.seed, bos_id=256)
   checkpointer = Checkpointer(Path(run_dir), config.checkpoint)
@@ -58,13 +60,14 @@ def test_smoke_writes_tensorboard_and_versions(tmp_path, text_file, caplog):
   assert "3,000 bytes" in caplog.text
 
 
-def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, text_file):
+@pytest.mark.parametrize("overrides", [[], MIXER], ids=["plain", "counts-and-mixer"])
+def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, text_file, overrides):
   straight, split = tmp_path / "straight", tmp_path / "split"
-  args = ["--config", TINY, "--data", str(text_file)]
+  args = ["--config", TINY, "--data", str(text_file)] + [x for o in overrides for x in ("--set", o)]
   assert main(args + ["--max-bytes", "2560", "--run-dir", str(straight)]) == 0
   assert main(args + ["--max-bytes", "1280", "--run-dir", str(split)]) == 0
   assert main(args + ["--max-bytes", "1280", "--run-dir", str(split), "--resume"]) == 0
-  (a, stream_a), (b, stream_b) = final_state(straight), final_state(split)
+  (a, stream_a), (b, stream_b) = final_state(straight, overrides), final_state(split, overrides)
   assert stream_a["totals"] == stream_b["totals"]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)

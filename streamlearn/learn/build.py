@@ -28,14 +28,16 @@ def step_shaping(config: Config) -> Config:
   delta, replay = dataclasses.replace(config.delta, anchor=DeltaConfig.anchor), config.replay
   if delta_spec(config.delta, config.replay, config.data.chunk_tokens) is None:
     delta, replay = DeltaConfig(), ReplayConfig()
-  return Config(model=config.model, match=config.match, tokenizer=config.tokenizer,
-                data=config.data, optim=config.optim, replay=replay, delta=delta)
+  return Config(model=config.model, match=config.match, counts=config.counts,
+                mixer=config.mixer, tokenizer=config.tokenizer, data=config.data,
+                optim=config.optim, replay=replay, delta=delta)
 
 
 @functools.cache
 def _build(config: Config, vocab_size: int):
   predictor = make_predictor(config, vocab_size)
-  optimizer = make_optimizer(config.optim, config.match.lr_mult)
+  optimizer = make_optimizer(config.optim, config.match.lr_mult,
+                             config.mixer.lr_mult if config.mixer.enabled else None)
   make_step = make_plain_step if predictor.delta is None else make_delta_step
   return predictor, optimizer, make_step(predictor, optimizer, config.optim)
 

@@ -139,8 +139,7 @@ def walker(predictor: Predictor):
       on_T = forecast_on & (position_T < K)
       forecast = ForecastInput(forecast_K[jnp.clip(position_T, 0, K - 1)][None],
                                on_T.astype(jnp.float32)[None])
-    _, carry = predictor.advance(params, carry, tokens_1xT, jnp.reshape(n, (1,)), forecast)
-    return carry
+    return predictor.read_along(params, carry, tokens_1xT, jnp.reshape(n, (1,)), forecast)
 
   return jax.jit(walk)
 

@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from streamlearn.config import Config, MatchConfig, OptimConfig
+from streamlearn.config import Config, ConfigError, CountsConfig, MatchConfig, OptimConfig
 from streamlearn.learn.chunk import last_real_token, shift_in
 from streamlearn.learn.delta import DeltaSpec, DeltaState, delta_spec, init_delta
+from streamlearn.nn.counts import (CountFeatures, CountState, counts_append, counts_next,
+                                   counts_update, init_counts)
 from streamlearn.nn.match import (MatchFeatures, MatchState, init_match, match_update,
                                   with_last_token)
 from streamlearn.nn.model import LM, ForecastInput
@@ -35,6 +37,7 @@ class Carry:
   rec_state: Any           # the model's recurrent state (per layer h and conv tail)
   last_token_B: jax.Array  # int32: the token before the next chunk (not yet read by the model)
   match: MatchState | None  # the match model's history and tables (None: match model off)
+  counts: CountState | None = None  # the count models' recent tokens and tables (None: off)
 
 
 @flax.struct.dataclass
@@ -53,30 +56,34 @@ class LearnerState:
   delta: DeltaState | None = None  # forecasts, teacher, anchor, replay (streamlearn/learn/delta.py)
 
 
-def make_optimizer(cfg: OptimConfig, match_lr_mult: float = 1.0) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, match_lr_mult: float = 1.0,
+                   mixer_lr_mult: float | None = None) -> optax.GradientTransformation:
   """AdamW after global-norm clipping; linear warm-up, then constant (a stream never ends).
 
   The match model's trust table (`match_trust`) gets `match_lr_mult` times the
   learning rate: its few numbers must settle within the first hundred chunks,
-  where matches help most, not over thousands.
+  where matches help most, not over thousands. The mixer's weights (`mixer`;
+  None: there is no mixer) get `mixer_lr_mult` times it, and no weight decay
+  (that would pull the network's weight of 1 towards nothing).
   """
 
-  def adamw(lr_mult: float) -> optax.GradientTransformation:
+  def adamw(lr_mult: float, decay: float) -> optax.GradientTransformation:
     schedule = optax.linear_schedule(0.0, cfg.learning_rate * lr_mult,
                                      max(cfg.warmup_steps, 1))
     # Decay matrices only: norms' scales, biases and the LRU's decay logits stay put.
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                       weight_decay=cfg.weight_decay, mask=decay_mask)
+                       weight_decay=decay, mask=decay_mask)
 
   def labels(params):
-    return {k: jax.tree.map(lambda _: "match" if k == "match_trust" else "net", v)
-            for k, v in params.items()}
+    part = {"match_trust": "match", "mixer": "mixer"}
+    return {k: jax.tree.map(lambda _: part.get(k, "net"), v) for k, v in params.items()}
 
-  return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
-      optax.multi_transform({"net": adamw(1.0), "match": adamw(match_lr_mult)}, labels),
-  )
+  parts = {"net": adamw(1.0, cfg.weight_decay), "match": adamw(match_lr_mult, cfg.weight_decay)}
+  if mixer_lr_mult is not None:  # (a part more changes the optimizer state's structure)
+    parts["mixer"] = adamw(mixer_lr_mult, 0.0)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.multi_transform(parts, labels))
 
 
 def learning_rate(cfg: OptimConfig, step: jax.Array) -> jax.Array:
@@ -91,6 +98,8 @@ class Read(NamedTuple):
   features: MatchFeatures | None  # the match model's prediction of each token
   match: MatchState | None  # the match model's state after the chunk
   last_B: jax.Array         # the last real token: the next chunk's first input
+  count_features: CountFeatures | None = None  # the count models' counts for each token
+  counts: CountState | None = None  # the count models' state after the chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,28 +112,41 @@ class Predictor:
   lm: LM
   match_cfg: MatchConfig | None   # None: the match model is off
   delta: DeltaSpec | None = None
+  counts_cfg: CountsConfig | None = None  # None: the count models are off
+  chunk_tokens: int = 0     # the step's chunk length (the count models fold in whole chunks)
 
   def init_carry(self, batch: int, bos_id: int) -> Carry:
     """The carry before the stream's first token."""
     return Carry(rec_state=self.lm.init_state(batch),
                  last_token_B=jnp.full((batch,), bos_id, jnp.int32),
-                 match=init_match(self.match_cfg, batch) if self.match_cfg else None)
+                 match=init_match(self.match_cfg, batch) if self.match_cfg else None,
+                 counts=(init_counts(self.counts_cfg, batch, self.chunk_tokens)
+                         if self.counts_cfg else None))
 
-  def read(self, carry: Carry, tokens_BxT, n_real_B) -> Read:
+  def read(self, carry: Carry, tokens_BxT, n_real_B, next_only: bool = False) -> Read:
     """What the model reads to predict a chunk, and what the chunk leaves for the next one.
 
-    Tokens from n_real_B on are padding: the match model records none of them.
+    Tokens from n_real_B on are padding: the match and count models record none of them.
+    next_only: one token that is not known yet (`read_next`): the count models read
+    their pending tokens and keep their state.
     """
-    features = match = None
+    features = match = count_features = counts = None
     if self.match_cfg:
       features, match = match_update(self.match_cfg, carry.match, tokens_BxT, n_real_B)
+    if self.counts_cfg and next_only:
+      count_features, counts = counts_next(self.counts_cfg, self.lm.vocab_size,
+                                           carry.counts), carry.counts
+    elif self.counts_cfg:
+      count_features, counts = counts_update(self.counts_cfg, self.lm.vocab_size, carry.counts,
+                                             tokens_BxT, n_real_B)
     return Read(shift_in(carry.last_token_B, tokens_BxT), n_real_B, features, match,
-                last_real_token(tokens_BxT, n_real_B, carry.last_token_B))
+                last_real_token(tokens_BxT, n_real_B, carry.last_token_B), count_features,
+                counts)
 
   def logits(self, params, rec_state, seen: Read, forecast: ForecastInput | None = None):
     """(logits_BxTxV, recurrent state after the real tokens); logits[:, t] predicts token t."""
     return self.lm.apply(params, seen.inputs_BxT, rec_state, seen.n_real_B, seen.features,
-                         forecast)
+                         forecast, seen.count_features)
 
   def advance(self, params, carry: Carry, tokens_BxT, n_real_B,
               forecast: ForecastInput | None = None):
@@ -137,7 +159,18 @@ class Predictor:
     """
     seen = self.read(carry, tokens_BxT, n_real_B)
     logits_BxTxV, rec_state = self.logits(params, carry.rec_state, seen, forecast)
-    return logits_BxTxV, Carry(rec_state, seen.last_B, seen.match)
+    return logits_BxTxV, Carry(rec_state, seen.last_B, seen.match, seen.counts)
+
+  def read_along(self, params, carry: Carry, tokens_BxT, n_real_B,
+                 forecast: ForecastInput | None = None) -> Carry:
+    """The carry after reading tokens to generate from them, not to learn: `advance`'s,
+    except that the count models keep an unfinished chunk pending, as `with_next` does
+    (the step folds its tables in only at a chunk's end)."""
+    _, after = self.advance(params, carry, tokens_BxT, n_real_B, forecast)
+    if self.counts_cfg is None:
+      return after
+    return after.replace(counts=counts_append(self.counts_cfg, self.lm.vocab_size, carry.counts,
+                                              tokens_BxT, n_real_B))
 
   def next_logits(self, params, carry: Carry,
                   forecast: ForecastInput | None = None) -> jax.Array:
@@ -160,25 +193,38 @@ class Predictor:
     both; `with_next` puts the token in once it is chosen.
     """
     B = carry.last_token_B.shape[0]
-    logits_Bx1xV, after = self.advance(params, carry, jnp.zeros((B, 1), jnp.int32),
-                                       jnp.ones((B,), jnp.int32), forecast)
-    return logits_Bx1xV[:, 0], after
+    seen = self.read(carry, jnp.zeros((B, 1), jnp.int32), jnp.ones((B,), jnp.int32),
+                     next_only=True)
+    logits_Bx1xV, rec_state = self.logits(params, carry.rec_state, seen, forecast)
+    return logits_Bx1xV[:, 0], Carry(rec_state, seen.last_B, seen.match, seen.counts)
 
   def with_next(self, after: Carry, token_B) -> Carry:
     """The carry from `read_next` with its placeholder replaced by the token that came:
-    exactly `advance` over that one token (tested)."""
+    exactly `advance` over that one token (tested), but for the count models, which keep
+    it pending until its chunk is full (`read_along`)."""
     match = None if after.match is None else with_last_token(after.match, token_B)
-    return after.replace(last_token_B=token_B, match=match)
+    counts = after.counts
+    if counts is not None:
+      counts = counts_append(self.counts_cfg, self.lm.vocab_size, counts, token_B[:, None],
+                             jnp.ones(token_B.shape, jnp.int32))
+    return after.replace(last_token_B=token_B, match=match, counts=counts)
 
 
 def make_predictor(config: Config, vocab_size: int) -> Predictor:
   match_cfg = config.match if config.match.enabled else None
+  counts_cfg = config.counts if config.counts.enabled else None
+  mixer_cfg = config.mixer if config.mixer.enabled else None
   spec = delta_spec(config.delta, config.replay, config.data.chunk_tokens)
+  if spec is not None and mixer_cfg is not None:
+    # Its ring, replay and forecasts keep the match features only, not the counts.
+    raise ConfigError("mixer.enabled: not built for the delta learner yet (set delta.lag = 0, "
+                      "replay.capacity = 0 and the delta losses to 0)")
   lm = LM(config.model, vocab_size, match_len=match_cfg.max_len if match_cfg else 0,
           match_orders=len(match_cfg.orders) if match_cfg else 0,
           forecast_channel=bool(spec and spec.channel),
-          surprise_head=bool(spec and spec.delta.residual > 0))
-  return Predictor(lm, match_cfg, spec)
+          surprise_head=bool(spec and spec.delta.residual > 0), mixer_cfg=mixer_cfg,
+          count_orders=len(counts_cfg.orders) if counts_cfg else 0)
+  return Predictor(lm, match_cfg, spec, counts_cfg, config.data.chunk_tokens)
 
 
 def initial_hparams(spec: DeltaSpec | None = None) -> dict[str, jax.Array]:

@@ -78,14 +78,15 @@ def learn_if_finite(ok, learn, old: LearnerState,
   network never saw the chunk (parameters, optimizer, recurrent state, last
   token and step are the old ones), so nothing non-finite can reach them. The
   match model's history does keep the chunk (`carry.match`): it holds only
-  tokens, which are never non-finite. Returns (state, 1.0 if skipped else 0.0).
+  tokens, which are never non-finite; so do the count models' tables (`carry.counts`).
+  Returns (state, 1.0 if skipped else 0.0).
 
   A branch, not a select between the new and the old state: a select needs
   both alive at once, which costs a copy of parameters and optimizer state
   every step; the branch lets the donated buffers update in place. (Under vmap,
   a swarm, JAX turns it back into a select.)
   """
-  kept = old.replace(carry=old.carry.replace(match=carry.match))
+  kept = old.replace(carry=old.carry.replace(match=carry.match, counts=carry.counts))
   new = jax.lax.cond(ok, lambda: learn().replace(carry=carry), lambda: kept)
   return new, 1.0 - ok.astype(jnp.float32)
 

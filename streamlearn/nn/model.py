@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamlearn.config import ModelConfig
+from streamlearn.config import MixerConfig, ModelConfig
+from streamlearn.nn.counts import CountFeatures
 from streamlearn.nn.match import MatchFeatures
+from streamlearn.nn.mixer import Mixer
 from streamlearn.nn.scan import linear_scan
 
 # RG-LRU: the decay is a^(c * r_t) with a learned a in (0, 1) and gate r_t;
@@ -188,6 +190,8 @@ class MicroLM(nn.Module):
   match_orders: int = 0  # how many predictions (one per context order) it makes per token
   forecast_channel: bool = False  # reads a forecast of each target token (streamlearn/learn/delta.py)
   surprise_head: bool = False     # holds W of the residual linearisation (delta.residual > 0)
+  mixer_cfg: MixerConfig | None = None  # the final logits are the mixer's (streamlearn/nn/mixer.py)
+  count_orders: int = 0           # count models it reads (CountFeatures; 0: none)
 
   def setup(self):
     cfg = self.cfg
@@ -216,10 +220,12 @@ class MicroLM(nn.Module):
     if self.surprise_head:
       # Read by streamlearn/learn/delta.py, not here: surprise ≈ hidden · W.
       self.surprise_w = self.param("surprise_w", nn.initializers.zeros_init(), (cfg.d_model,))
+    if self.mixer_cfg is not None:
+      self.mixer = Mixer(self.mixer_cfg, self.count_orders, self.match_len > 0)
 
   def __call__(self, tokens_BxT, state: tuple[LayerState, ...], n_real_B=None,
                match: MatchFeatures | None = None, forecast: ForecastInput | None = None,
-               with_hidden: bool = False):
+               with_hidden: bool = False, counts: CountFeatures | None = None):
     x_BxTxD = self.embed(tokens_BxT)
     if self.forecast_channel:
       on_BxTx1 = (jnp.zeros(tokens_BxT.shape) if forecast is None else forecast.on_BxT)[..., None]
@@ -232,10 +238,11 @@ class MicroLM(nn.Module):
       x_BxTxD = x_BxTxD + jnp.sum(
           found_BxTxOx1 * self.match_token_embed(match.token_BxTxO)
           + self.match_length_embed(offset_1x1xO + match.length_BxTxO), axis=2)
-    return self.from_embeddings(x_BxTxD, state, n_real_B, match, with_hidden)
+    return self.from_embeddings(x_BxTxD, state, n_real_B, match, with_hidden, counts)
 
   def from_embeddings(self, x_BxTxD, state: tuple[LayerState, ...], n_real_B=None,
-                      match: MatchFeatures | None = None, with_hidden: bool = False):
+                      match: MatchFeatures | None = None, with_hidden: bool = False,
+                      counts: CountFeatures | None = None):
     """The model after the embedding lookup (tests differentiate through inputs here).
 
     n_real_B: real tokens per row (the rest is end-of-stream padding, which
@@ -243,6 +250,7 @@ class MicroLM(nn.Module):
     match: the match model's prediction for each position's *target* token.
     with_hidden: also return the final normed hidden state [B, T, D] (what
     the EMA teacher's consistency loss compares).
+    counts: the count models' counts for each position's target (with the mixer).
     """
     B, T = x_BxTxD.shape[:2]
     if n_real_B is None:
@@ -263,6 +271,8 @@ class MicroLM(nn.Module):
       logits_BxTxV = logits_BxTxV + jnp.einsum(
           "bto,btov->btv", trust_BxTxO,
           jax.nn.one_hot(match.token_BxTxO, self.vocab_size, dtype=logits_BxTxV.dtype))
+    if self.mixer_cfg is not None:
+      logits_BxTxV = self.mixer(logits_BxTxV, counts, match)
     if with_hidden:
       return logits_BxTxV, tuple(new_state), x_BxTxD
     return logits_BxTxV, tuple(new_state)
@@ -278,11 +288,13 @@ class LM:
   match_orders: int = 0
   forecast_channel: bool = False  # apply takes a ForecastInput (absent: the channel reads nothing)
   surprise_head: bool = False
+  mixer_cfg: MixerConfig | None = None  # the mixer makes the final logits
+  count_orders: int = 0           # > 0: apply takes the count models' features (CountFeatures)
 
   @property
   def module(self) -> MicroLM:
     return MicroLM(self.cfg, self.vocab_size, self.match_len, self.match_orders,
-                   self.forecast_channel, self.surprise_head)
+                   self.forecast_channel, self.surprise_head, self.mixer_cfg, self.count_orders)
 
   def init_state(self, batch: int) -> tuple[LayerState, ...]:
     """The state before any token: zeros."""
@@ -296,12 +308,17 @@ class LM:
     tokens = jnp.zeros((1, 1), jnp.int32)
     none_1x1xO = jnp.zeros((1, 1, self.match_orders), jnp.int32)
     match = MatchFeatures(none_1x1xO, none_1x1xO) if self.match_len else None
-    return self.module.init(key, tokens, self.init_state(1), None, match)["params"]
+    counts = (CountFeatures(jnp.zeros((1, 1, self.count_orders, self.vocab_size)))
+              if self.count_orders else None)
+    return self.module.init(key, tokens, self.init_state(1), None, match,
+                            counts=counts)["params"]
 
   def apply(self, params, tokens_BxT, state, n_real_B=None, match: MatchFeatures | None = None,
-            forecast: ForecastInput | None = None) -> tuple[jax.Array, tuple[LayerState, ...]]:
+            forecast: ForecastInput | None = None, counts: CountFeatures | None = None
+            ) -> tuple[jax.Array, tuple[LayerState, ...]]:
     """(logits [B, T, V] float32, the state after the last real token)."""
-    return self.module.apply({"params": params}, tokens_BxT, state, n_real_B, match, forecast)
+    return self.module.apply({"params": params}, tokens_BxT, state, n_real_B, match, forecast,
+                             counts=counts)
 
   def apply_with_hidden(self, params, tokens_BxT, state, n_real_B=None,
                         match: MatchFeatures | None = None,

@@ -12,8 +12,9 @@ One msgpack map (no pickle, no msgpack extension types):
 Matrices (the embeddings included) are int8, symmetric, one scale per output
 channel: a Dense kernel's columns (last axis), an embedding's rows (axis 0:
 each token's vector, and its logit through the tied head). Vectors (norm
-scales, biases, LRU decay logits) and matrices under 1,024 entries (the match
-model's trust table) stay float32: they are few and sensitive.
+scales, biases, LRU decay logits), matrices under 1,024 entries (the match
+model's trust table) and the mixer's weights (each scales a whole prediction)
+stay float32: they are few and sensitive.
 `read_artifact` dequantizes to float32; `streamlearn.api.load_artifact` hands
 back a `streamlearn.Learner`, which generates text (and can even keep learning).
 """
@@ -58,7 +59,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
 
 def _leaf(path: str, x: np.ndarray) -> dict:
   x = np.asarray(x)
-  if x.ndim >= 2 and x.size >= _MIN_INT8:
+  if x.ndim >= 2 and x.size >= _MIN_INT8 and not path.startswith("mixer" + _SEP):
     axis = channel_axis(path, x.ndim)
     q, scale = quantize(x, axis)
     return {"dtype": "int8", "shape": list(x.shape), "data": q.tobytes(),

@@ -1,0 +1,333 @@
+"""Count models: which tokens followed this context before, and how often.
+
+The µLM learns slowly and forgets; a compressor's strongest statistics are plain
+counts. For each context order k (the k tokens before a position) a hash table
+keeps, per context, its K most frequent next tokens with their counts; the
+mixer (`streamlearn.nn.mixer`) turns each order's counts into a prediction and
+weighs it against the network's. This is PPM's and paq's order-k model,
+restricted to what a jitted step can update in place.
+
+Causal by construction, and exact inside a chunk: the counts for the token at
+stream position p are those of the tables as the previous chunk left them plus
+the chunk's own tokens before p with the same context (never p's own token or
+a later one). Memory is fixed: the last N tokens and one table per order.
+
+A table slot holds one context, checked by its full hash: another context that
+hashes to the slot reads nothing, and the one written last in a chunk takes the
+slot. Counts above `limit` halve the slot's counts (recent statistics weigh
+more, as in PPM's rescaling).
+
+The tables change only at the end of a chunk, so what a token is predicted
+from depends on where the chunks are cut: generation keeps the chunk in
+progress as pending tokens (`counts_append`, `counts_next`) and folds them in
+when the chunk is full, exactly where the step would.
+
+Dimension letters: B = streams, T = tokens in a chunk, O = orders, S = slots,
+K = tokens kept per slot, V = vocabulary, N = the longest order (tokens kept).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from streamlearn.config import CountsConfig
+
+_TOKEN_BITS = 16  # an entry is token | count << 16: tokens below 2^16, counts below 2^15
+
+
+@flax.struct.dataclass
+class CountState:
+  recent_BxN: jax.Array       # int32: the N tokens before the chunk, oldest first; -1: none
+  check_BxOxS: jax.Array      # int32: the hash of the context a slot holds (> 0); 0 = empty
+  entry_BxOxSxK: jax.Array    # int32: token | count << 16 of its K most frequent next tokens
+  # Generation only (the step's chunks always leave these empty): the tokens of the chunk
+  # in progress, not in the tables yet (T = the step's chunk length).
+  pending_BxT: jax.Array      # int32
+  n_pending_B: jax.Array      # int32: how many of them are real
+
+
+class CountFeatures(NamedTuple):
+  counts_BxTxOxV: jax.Array   # float32: how often each token followed each position's context
+
+
+def init_counts(cfg: CountsConfig, batch: int, chunk_tokens: int) -> CountState:
+  """The state before any token: nothing recent, empty tables."""
+  O, S, N = len(cfg.orders), 1 << cfg.table_log2, max(cfg.orders)
+  return CountState(recent_BxN=jnp.full((batch, N), -1, jnp.int32),
+                    check_BxOxS=jnp.zeros((batch, O, S), jnp.int32),
+                    entry_BxOxSxK=jnp.zeros((batch, O, S, cfg.keep), jnp.int32),
+                    pending_BxT=jnp.zeros((batch, chunk_tokens), jnp.int32),
+                    n_pending_B=jnp.zeros((batch,), jnp.int32))
+
+
+def context_hashes(ext_E, T: int, orders: tuple[int, ...]) -> jax.Array:
+  """uint32 [O, T]: a hash of the `order` tokens before each of the last T positions of ext_E.
+
+  Nearest token first (FNV-1a), so one pass over max(orders) tokens serves every
+  order; the order is folded into the final mix so orders never share a meaning.
+  """
+  back = ext_E.shape[0] - T
+  h_T = jnp.full((T,), 0x811C9DC5, jnp.uint32)
+  out = {}
+  for i in range(1, max(orders) + 1):
+    token_T = jax.lax.dynamic_slice_in_dim(ext_E, back - i, T).astype(jnp.uint32)
+    h_T = (h_T ^ (token_T + 1)) * jnp.uint32(0x01000193)
+    if i in orders:
+      mixed_T = (h_T ^ jnp.uint32(i * 0x27D4EB2F & 0xFFFFFFFF)) * jnp.uint32(0x9E3779B1)
+      out[i] = mixed_T ^ (mixed_T >> 15)
+  return jnp.stack([out[order] for order in orders])
+
+
+def _slot_and_check(h_OxT, table_log2: int):
+  """(slot: the hash's top bits, check: the hash as a positive int32, never 0)."""
+  slot_OxT = (h_OxT >> (32 - table_log2)).astype(jnp.int32)
+  check_OxT = ((h_OxT >> 1) | 1).astype(jnp.int32)
+  return slot_OxT, check_OxT
+
+
+def _running_sum(x_TxV, block: int = 16):
+  """Inclusive running sum along T, as two small triangular matmuls (within blocks of 16,
+  then across blocks): XLA's cumsum on CPU is a quadratic reduce-window, and a log-depth
+  scan compiles slowly. Exact for the small integer counts summed here."""
+  T, V = x_TxV.shape
+  n = -(-T // block)
+  x_NxLxV = jnp.pad(x_TxV, ((0, n * block - T), (0, 0))).reshape(n, block, V)
+  within_NxLxV = jnp.einsum("ij,njv->niv", jnp.tril(jnp.ones((block, block), x_TxV.dtype)),
+                            x_NxLxV, precision="highest")
+  before_NxV = jnp.einsum("mn,nv->mv", jnp.tril(jnp.ones((n, n), x_TxV.dtype), -1),
+                          within_NxLxV[:, -1], precision="highest")
+  return (within_NxLxV + before_NxV[:, None]).reshape(n * block, V)[:T]
+
+
+def _earlier_in_chunk(key_T, tokens_T, onehot_TxV, recent: int):
+  """Per position t, over the earlier t' < t with key[t'] == key[t]: the sum of onehot[t']
+  ([T, V]), and the tokens of the latest `recent` of them, nearest first ([T, recent], -1: none).
+
+  Sorting by (key, t) makes each key's positions a run in time order; a running
+  sum along the sorted order minus its value where the run began counts only
+  that key's earlier positions: T·V work, not T²·V.
+  """
+  T = key_T.shape[0]
+  t_T = jnp.arange(T)
+  key_sorted_T, perm_T = jax.lax.sort((key_T, t_T), num_keys=2)
+  x_TxV = onehot_TxV[perm_T]
+  before_TxV = _running_sum(x_TxV) - x_TxV
+  starts_T = jnp.concatenate([jnp.ones((1,), bool), key_sorted_T[1:] != key_sorted_T[:-1]])
+  run_start_T = jax.lax.cummax(jnp.where(starts_T, t_T, 0))
+  earlier_TxV = before_TxV - before_TxV[run_start_T]
+  back_TxR = t_T[:, None] - 1 - jnp.arange(recent)[None, :]
+  prev_TxR = jnp.where(back_TxR >= run_start_T[:, None], tokens_T[perm_T][back_TxR % T], -1)
+  # Back to time order by a gather through the inverse permutation (a [T, V] scatter
+  # costs five times as much on CPU).
+  inverse_T = jnp.zeros_like(perm_T).at[perm_T].set(t_T)
+  return earlier_TxV[inverse_T], prev_TxR[inverse_T]
+
+
+def _last_in_slot(slot_T, real_T):
+  """Whether each real position is the chunk's latest real one in its slot (it writes the slot)."""
+  T = slot_T.shape[0]
+  t_T = jnp.arange(T)
+  # Slots renumbered 0..T-1 by rank, so the scatter is T-sized, not S-sized.
+  key_T = jnp.where(real_T, slot_T, -1)
+  key_sorted_T, perm_T = jax.lax.sort((key_T, t_T), num_keys=2)
+  rank_sorted_T = jnp.cumsum(jnp.concatenate(
+      [jnp.zeros((1,), jnp.int32), (key_sorted_T[1:] != key_sorted_T[:-1]).astype(jnp.int32)]))
+  rank_T = jnp.zeros_like(rank_sorted_T).at[perm_T].set(rank_sorted_T)
+  latest_T = jnp.full((T,), -1, jnp.int32).at[rank_T].max(jnp.where(real_T, t_T, -1))
+  return real_T & (latest_T[rank_T] == t_T)
+
+
+def _most_frequent(cand_OxTxC, count_OxTxV, keep: int):
+  """(count, token) [O, T, keep]: the most frequent of the candidate tokens (-1: none), by
+  count then the lower token; the rest of the vocabulary is not searched (a top-k over
+  every token costs more than the rest of the update)."""
+  C = cand_OxTxC.shape[-1]
+  count_OxTxC = jnp.take_along_axis(count_OxTxV, jnp.maximum(cand_OxTxC, 0), axis=-1)
+  earlier_1x1xCxC = (jnp.arange(C)[None, :] < jnp.arange(C)[:, None])[None, None]  # j before i
+  same_OxTxCxC = cand_OxTxC[..., :, None] == cand_OxTxC[..., None, :]
+  dup_OxTxC = jnp.any(same_OxTxCxC & earlier_1x1xCxC, axis=-1)
+  count_OxTxC = jnp.where((cand_OxTxC < 0) | dup_OxTxC, -1, count_OxTxC).astype(jnp.int32)
+  # Each candidate's rank: how many come before it (more counts, then the lower token,
+  # then the earlier place); C² comparisons beat a sort of many short rows on CPU.
+  ci, cj = count_OxTxC[..., :, None], count_OxTxC[..., None, :]
+  ti, tj = cand_OxTxC[..., :, None], cand_OxTxC[..., None, :]
+  ahead_OxTxCxC = (cj > ci) | ((cj == ci) & ((tj < ti) | ((tj == ti) & earlier_1x1xCxC)))
+  rank_OxTxC = jnp.sum(ahead_OxTxCxC, axis=-1)
+  at_OxTxCxK = rank_OxTxC[..., None] == jnp.arange(keep)[None, None, None]
+  count_OxTxK = jnp.sum(jnp.where(at_OxTxCxK, jnp.maximum(count_OxTxC, 0)[..., None], 0), axis=-2)
+  token_OxTxK = jnp.sum(jnp.where(at_OxTxCxK, jnp.maximum(cand_OxTxC, 0)[..., None], 0), axis=-2)
+  return count_OxTxK, token_OxTxK
+
+
+def _row(cfg: CountsConfig, vocab: int, recent_N, check_OxS, entry_OxSxK, tokens_T, n_real):
+  """One stream: the counts each of the chunk's tokens is predicted from, and the state after."""
+  T, N, O, S = tokens_T.shape[0], recent_N.shape[0], check_OxS.shape[0], check_OxS.shape[1]
+  t_T = jnp.arange(T)
+  real_T = t_T < n_real
+  ext_E = jnp.concatenate([recent_N, tokens_T])
+  slot_OxT, check_OxT = _slot_and_check(context_hashes(ext_E, T, cfg.orders), cfg.table_log2)
+
+  # What the tables held for each context before the chunk (nothing if another context holds
+  # the slot), as dense counts over the vocabulary.
+  order_OxT = jnp.broadcast_to(jnp.arange(O)[:, None], (O, T))
+  held_OxT = check_OxS[order_OxT, slot_OxT]
+  entry_OxTxK = entry_OxSxK[order_OxT, slot_OxT]
+  hit_OxT = held_OxT == check_OxT
+  count_OxTxK = jnp.where(hit_OxT[..., None], entry_OxTxK >> _TOKEN_BITS, 0)
+  token_OxTxK = entry_OxTxK & ((1 << _TOKEN_BITS) - 1)
+  o_i, t_i = jnp.meshgrid(jnp.arange(O), t_T, indexing="ij")
+  base_OxTxV = jnp.zeros((O, T, vocab), jnp.float32).at[
+      o_i[..., None], t_i[..., None], token_OxTxK].add(count_OxTxK.astype(jnp.float32))
+
+  # The chunk's own earlier tokens with the same context (padding counts for nothing).
+  onehot_TxV = jax.nn.one_hot(tokens_T, vocab, dtype=jnp.float32) * real_T[:, None]
+  earlier_OxTxV, prev_OxTxK = jax.vmap(_earlier_in_chunk, in_axes=(0, None, None, None))(
+      jnp.where(real_T[None], check_OxT, 0), tokens_T, onehot_TxV, cfg.keep)
+  counts_OxTxV = base_OxTxV + earlier_OxTxV
+
+  # Each slot's new entries, written by the latest context in it: the most frequent of the
+  # tokens it kept, this token and those of the `keep` latest earlier ones in the chunk
+  # with the same context, counts halved past the limit. Others write out of bounds.
+  writes_OxT = jax.vmap(_last_in_slot, in_axes=(0, None))(slot_OxT, real_T)
+  cand_OxTxC = jnp.concatenate([jnp.where(count_OxTxK > 0, token_OxTxK, -1),
+                                jnp.broadcast_to(tokens_T[None, :, None], (O, T, 1)),
+                                prev_OxTxK], axis=-1)
+  top_OxTxK, new_token_OxTxK = _most_frequent(cand_OxTxC, counts_OxTxV + onehot_TxV[None],
+                                              cfg.keep)
+  over_OxT = top_OxTxK[..., 0] > cfg.limit
+  top_OxTxK = jnp.where(over_OxT[..., None], (top_OxTxK + 1) >> 1, top_OxTxK)
+  new_entry_OxTxK = new_token_OxTxK | (top_OxTxK << _TOKEN_BITS)
+  # The writes depend on the reads (entries and checks are >= 0, so the max with
+  # (min read >> 31) = 0 changes nothing): XLA must read first, and can then
+  # update the donated tables in place instead of copying them every step.
+  floor = jnp.minimum(jnp.min(held_OxT), jnp.min(entry_OxTxK)) >> 31
+  slot_OxT = jnp.where(writes_OxT, slot_OxT, S)
+  check_OxS = check_OxS.at[order_OxT, slot_OxT].set(jnp.maximum(check_OxT, floor), mode="drop")
+  entry_OxSxK = entry_OxSxK.at[order_OxT, slot_OxT].set(jnp.maximum(new_entry_OxTxK, floor),
+                                                        mode="drop")
+  recent_N = jax.lax.dynamic_slice_in_dim(ext_E, n_real, N)
+  return jnp.moveaxis(counts_OxTxV, 0, 1), (recent_N, check_OxS, entry_OxSxK)
+
+
+def _rows(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxT, n_real_B):
+  if vocab >= 1 << _TOKEN_BITS:
+    raise ValueError(f"counts: a vocabulary of {vocab} tokens does not fit a count entry")
+  return jax.vmap(lambda r, c, e, tok, n: _row(cfg, vocab, r, c, e, tok, n))(
+      state.recent_BxN, state.check_BxOxS, state.entry_BxOxSxK, tokens_BxT, n_real_B)
+
+
+def counts_update(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxT: jax.Array,
+                  n_real_B: jax.Array) -> tuple[CountFeatures, CountState]:
+  """Counts for the chunk's tokens (each from earlier tokens only), and the state after it.
+
+  The step's path: a chunk starts with no pending tokens. Tokens past n_real_B[b]
+  are padding: they are neither counted nor recorded.
+  """
+  counts_BxTxOxV, (recent, check, entry) = _rows(cfg, vocab, state, tokens_BxT, n_real_B)
+  return CountFeatures(counts_BxTxOxV), state.replace(recent_BxN=recent, check_BxOxS=check,
+                                                      entry_BxOxSxK=entry)
+
+
+def counts_next(cfg: CountsConfig, vocab: int, state: CountState) -> CountFeatures:
+  """Counts [B, 1, O, V] for the token after the pending ones: what the step would read
+  for it at that place in its chunk. The state does not move."""
+  B, T = state.pending_BxT.shape
+  at_B = state.n_pending_B
+  # The pending tokens, then a placeholder where the next one goes: its counts come from
+  # the tokens before it only.
+  window_BxT = jnp.where(jnp.arange(T)[None, :] < at_B[:, None], state.pending_BxT, 0)
+  counts_BxTxOxV, _ = _rows(cfg, vocab, state, window_BxT, at_B + 1)
+  return CountFeatures(jnp.take_along_axis(counts_BxTxOxV, at_B[:, None, None, None], axis=1))
+
+
+def counts_append(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxU: jax.Array,
+                  n_B: jax.Array) -> CountState:
+  """The state once n_B[b] more tokens (U <= T) join the chunk in progress: pending until it
+  is full, then folded into the tables exactly as `counts_update` folds a chunk."""
+  B, T = state.pending_BxT.shape
+  U = tokens_BxU.shape[1]
+  if U > T:
+    raise ValueError(f"counts_append: {U} tokens at once is more than a chunk of {T}")
+  j_W = jnp.arange(T + T)
+  from_new_BxW = j_W[None, :] - state.n_pending_B[:, None]
+  window_BxW = jnp.where(from_new_BxW < 0,
+                         jnp.take_along_axis(state.pending_BxT, jnp.clip(j_W, 0, T - 1)[None]
+                                             .repeat(B, 0), axis=1),
+                         jnp.take_along_axis(tokens_BxU, jnp.clip(from_new_BxW, 0, U - 1),
+                                             axis=1))
+  total_B = state.n_pending_B + n_B
+  full_B = total_B >= T
+
+  def fold(state: CountState) -> CountState:
+    _, (recent, check, entry) = _rows(cfg, vocab, state, window_BxW[:, :T],
+                                      jnp.full((B,), T, jnp.int32))
+    keep = lambda new, old: jnp.where(full_B.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
+    return state.replace(recent_BxN=keep(recent, state.recent_BxN),
+                         check_BxOxS=keep(check, state.check_BxOxS),
+                         entry_BxOxSxK=keep(entry, state.entry_BxOxSxK))
+
+  # Once a chunk in many tokens: the branch skips the fold (and its copy) otherwise.
+  state = jax.lax.cond(jnp.any(full_B), fold, lambda s: s, state)
+  pending_BxT = jnp.where(full_B[:, None], window_BxW[:, T:], window_BxW[:, :T])
+  return state.replace(pending_BxT=pending_BxT,
+                       n_pending_B=jnp.where(full_B, total_B - T, total_B))
+
+
+def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) -> np.ndarray:
+  """float [n, O, V]: the counts `counts_update` gives each position, fed in chunks of T,
+  computed one position and one context at a time (tests compare to this).
+
+  The same hash, slots and rules, written plainly: a dict per order from slot to
+  (check, {token: count}), read as the previous chunk left it plus the chunk's
+  earlier positions with the same context; at the chunk's end the latest context
+  in each slot writes the K most frequent (ties: the lower token) of its
+  candidates (the tokens it held, its own, and those of its K latest earlier
+  positions in the chunk), halved past the limit.
+  """
+  N, n = max(cfg.orders), len(stream)
+  ext = np.concatenate([np.full(N, -1), stream]).astype(np.int64)
+  out = np.zeros((n, len(cfg.orders), vocab))
+  tables = [dict() for _ in cfg.orders]
+  keys = [[_reference_slot(ext[N + p - order:N + p], order, cfg.table_log2) for p in range(n)]
+          for order in cfg.orders]
+  for lo in range(0, n, T):
+    hi = min(lo + T, n)
+    writes = [dict() for _ in cfg.orders]  # slot -> (check, counts, candidates): the latest's
+    for o in range(len(cfg.orders)):
+      for p in range(lo, hi):
+        slot, check = keys[o][p]
+        held_check, held = tables[o].get(slot, (0, {}))
+        counts = dict(held) if held_check == check else {}
+        same = [q for q in range(lo, p) if keys[o][q] == (slot, check)]
+        for q in same:
+          counts[int(stream[q])] = counts.get(int(stream[q]), 0) + 1
+        for token, c in counts.items():
+          out[p, o, token] = c
+        counts[int(stream[p])] = counts.get(int(stream[p]), 0) + 1
+        candidates = ({t for t, c in held.items() if c > 0} if held_check == check else set())
+        candidates |= {int(stream[p])} | {int(stream[q]) for q in same[-cfg.keep:]}
+        writes[o][slot] = (check, counts, candidates)
+    for o in range(len(cfg.orders)):
+      for slot, (check, counts, candidates) in writes[o].items():
+        top = sorted(((t, counts[t]) for t in candidates), key=lambda kv: (-kv[1], kv[0]))
+        top = top[:cfg.keep]
+        if top and top[0][1] > cfg.limit:
+          top = [(token, (c + 1) >> 1) for token, c in top]
+        tables[o][slot] = (check, dict(top))
+  return out
+
+
+def _reference_slot(context: np.ndarray, order: int, table_log2: int) -> tuple[int, int]:
+  """(slot, check) of one context, oldest token first, as `context_hashes` computes them."""
+  mask = 0xFFFFFFFF
+  h = 0x811C9DC5
+  for token in context[::-1]:
+    h = ((h ^ ((int(token) + 1) & mask)) * 0x01000193) & mask
+  h = ((h ^ (order * 0x27D4EB2F & mask)) * 0x9E3779B1) & mask
+  h ^= h >> 15
+  return h >> (32 - table_log2), (h >> 1) | 1
