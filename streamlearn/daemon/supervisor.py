@@ -98,15 +98,17 @@ class Daemon:
     self._lock_file.truncate()
     self._lock_file.write(f"pid {os.getpid()}")
     self._lock_file.flush()
-    self._stop_leftovers()
+    self._after_the_last_daemon()
     for name in backups.remove_partial(self.layout.backups):
       log.warning(f"warning: removed the partial backup {name} (left by a crash)")
 
-  def _stop_leftovers(self) -> None:
+  def _after_the_last_daemon(self) -> None:
+    """Stops the children a killed daemon left (if any) and keeps the failures it had seen."""
     try:
       last = json.loads(self.layout.status.read_text())
     except (OSError, ValueError):
       return
+    self.failures = list(last.get("failures") or [])[-MAX_FAILURES_KEPT:]  # still worth saying
     for name, child in (last.get("children") or {}).items():
       if child.get("pid"):
         stop_leftover(name, child["pid"], child.get("start_ticks"), self.cfg.stop_seconds)
@@ -182,7 +184,7 @@ class Daemon:
             "children": {c.name: c.to_json() for c in self.children},
             "paused": self.learner.paused_for, "capture_paused": self._capture_paused(),
             "pool": self._fetch_pool(),
-            "failures": sorted(self.failures + [d for c in self.children for d in c.deaths])[
+            "failures": sorted(set(self.failures + [d for c in self.children for d in c.deaths]))[
                 -MAX_FAILURES_KEPT:]}
 
   def write_status(self, stopped: bool = False) -> dict:
