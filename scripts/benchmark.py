@@ -10,8 +10,11 @@
 model still reads it), `vanilla` (score-first online learning, nothing else),
 `full` (configs/full.toml's [delta] and [replay]: everything on) and
 `full-minus-X` for X in channel, ema, kl, gate, replay, lag (lag 2 -> 1),
-arrival (the delta update only, no plain update as each chunk is scored), and
-`vanilla-twice` (the control for arrival: two plain updates per chunk).
+arrival (the delta update only, no plain update as each chunk is scored),
+`vanilla-twice` (the control for arrival: two plain updates per chunk), `mix`
+(vanilla with the count models and the mixer on) and `mix-minus-X` for X in
+counts (the mixer alone: network and match model), gate (one weight set) and
+learning (the mixer's weights fixed where they start).
 `--plot` draws running bits/byte against bytes for each (needs matplotlib:
 pip install -e '.[bench]'). `--forgetting A B` streams --forgetting-bytes of
 A then of B with vanilla and full and scores held-out A (the --canary-bytes
@@ -72,6 +75,12 @@ _TWICE = _PLAIN[1:] + ["delta.lag=1", "delta.arrival=true", "delta.forecast_chan
                        "delta.forecast_tokens=1"]
 
 
+# The count models and the mixer on (streamlearn/nn/counts.py, mixer.py), and each part off.
+_MIX = ["counts.enabled=true", "mixer.enabled=true"]
+_MIX_MINUS = {"counts": ["counts.enabled=false"], "gate": ["mixer.gate=false"],
+              "learning": ["mixer.lr_mult=0"]}
+
+
 def full_overrides(full_toml: str | Path = _FULL_TOML) -> list[str]:
   """A config file's [delta] and [replay] (configs/full.toml's), as overrides on any config."""
   table = config_to_dict(load_config(full_toml))
@@ -89,10 +98,15 @@ def ablation(name: str, full_toml: str | Path = _FULL_TOML) -> list[str] | None:
     return full_overrides(full_toml)
   if name == "vanilla-twice":
     return list(_TWICE)
+  if name == "mix":
+    return _PLAIN + _MIX
+  if name.startswith("mix-minus-") and name[len("mix-minus-"):] in _MIX_MINUS:
+    return _PLAIN + _MIX + _MIX_MINUS[name[len("mix-minus-"):]]
   if name.startswith("full-minus-") and name[len("full-minus-"):] in _MINUS:
     return full_overrides(full_toml) + _MINUS[name[len("full-minus-"):]]
   raise ConfigError(f"--configs: unknown entry {name!r} (known: static, vanilla, "
-                    "vanilla-twice, full, " + ", ".join(f"full-minus-{x}" for x in _MINUS) + ")")
+                    "vanilla-twice, full, " + ", ".join(f"full-minus-{x}" for x in _MINUS)
+                    + ", mix, " + ", ".join(f"mix-minus-{x}" for x in _MIX_MINUS) + ")")
 
 COMPRESSORS = {"gzip": ["gzip", "-9", "-c"], "bzip2": ["bzip2", "-9", "-c"],
                "xz": ["xz", "-9e", "-c"], "zstd": ["zstd", "-19", "-c", "-q"]}

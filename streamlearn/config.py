@@ -59,9 +59,11 @@ class MatchConfig:
 class CountsConfig:
   """Hashed next-token counts per context order (streamlearn/nn/counts.py); read by the mixer."""
   enabled: bool = False       # needs mixer.enabled: the counts reach the prediction through it
-  orders: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # context lengths counted, one table each
-  table_log2: int = 16        # slots per order's table: 2^16 contexts
-  keep: int = 8               # tokens (the most frequent) kept per context
+  orders: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # context lengths counted (ascending), a table each
+  dense_below: int = 3        # orders below this count every token (a vocabulary-wide row each)
+  dense_log2: int = 12        # slots per dense table: 2^12 contexts
+  table_log2: int = 16        # slots per other order's table: 2^16 contexts
+  keep: int = 16              # ...each keeping its most frequent next tokens, this many
   limit: int = 255            # a count past this halves the context's counts (recent weighs more)
 
 
@@ -69,9 +71,9 @@ class CountsConfig:
 class MixerConfig:
   """The final prediction as a learned mix in logit space (streamlearn/nn/mixer.py)."""
   enabled: bool = False       # mixes the network's, each count order's and the match model's
-  lr_mult: float = 20.0       # its weights learn this much faster than the network (0: fixed)
+  lr_mult: float = 5.0        # its weights learn this much faster than the network (0: fixed)
   gate: bool = True           # a weight set per small context (count confidence, match length)
-  count_weight: float = 0.1   # each count order's starting weight (the network's is 1)
+  count_weight: float = 0.3   # each count order's starting weight (the network's is 1)
   prior: float = 0.05         # pseudo-count of every token in a count prediction (learned on)
 
 
@@ -308,8 +310,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "match.history_log2": (lambda v: 8 <= v <= 28, "in [8, 28]"),
     "match.table_log2": (lambda v: 4 <= v <= 28, "in [4, 28]"),
     "match.lr_mult": _POSITIVE,
-    "counts.orders": (lambda v: len(v) > 0 and all(0 < o <= 64 for o in v) and len(set(v)) == len(v),
-                      "a non-empty list of distinct integers in [1, 64]"),
+    "counts.orders": (lambda v: len(v) > 0 and all(0 < o <= 64 for o in v)
+                      and all(a < b for a, b in zip(v, v[1:])),
+                      "a non-empty, ascending list of distinct integers in [1, 64]"),
+    "counts.dense_below": _NON_NEGATIVE, "counts.dense_log2": (lambda v: 4 <= v <= 20, "in [4, 20]"),
     "counts.table_log2": (lambda v: 4 <= v <= 24, "in [4, 24]"),
     "counts.keep": (lambda v: 1 <= v <= 64, "in [1, 64]"),
     "counts.limit": (lambda v: 1 <= v <= 16383, "in [1, 16383]"),

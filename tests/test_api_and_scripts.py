@@ -158,5 +158,10 @@ def test_benchmark_ablations_each_turn_exactly_one_part_off():
     changed = {key for key, value in flat(f"full-minus-{part}").items() if full[key] != value}
     assert len(changed) == 1, (part, changed)
   assert flat("vanilla")[("delta", "lag")] == 0 and benchmark.ablation("static") is None
+  mix = flat("mix")
+  assert mix[("counts", "enabled")] and mix[("mixer", "enabled")]
+  for part in benchmark._MIX_MINUS:
+    changed = {key for key, value in flat(f"mix-minus-{part}").items() if mix[key] != value}
+    assert len(changed) == 1, (part, changed)
   with pytest.raises(ConfigError, match="full-minus-arrival"):
     benchmark.ablation("full-minus-everything")

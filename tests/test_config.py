@@ -70,7 +70,7 @@ def test_ints_are_accepted_for_floats():
                                r"for data\.chunk_tokens = 256"),
     (["counts.enabled=true"], r"^counts\.enabled: the counts reach the prediction through the "
                               r"mixer \(set mixer\.enabled = true\)$"),
-    (["counts.orders=[0, 2]"], r"^counts\.orders: must be a non-empty list of distinct integers"),
+    (["counts.orders=[2, 1]"], r"^counts\.orders: must be a non-empty, ascending list"),
     (["counts.limit=20000"], r"^counts\.limit: must be in \[1, 16383\]"),
     (["swarm.size=0"], r"^swarm\.size: must be > 0"),
     (["swarm.top_quantile=0.6"], r"^swarm\.top_quantile: must be in \(0, 0\.5\]"),

@@ -15,8 +15,10 @@ from streamlearn.nn.mixer import Mixer, gate_sets
 
 from safety_runs import FULL_DELTA, MIXER, TINY
 
-# Small tables, few kept tokens and a low limit: collisions, evictions and halving all happen.
-CFG = CountsConfig(enabled=True, orders=(1, 2, 4), table_log2=5, keep=3, limit=6)
+# Small tables, few kept tokens and a low limit: collisions, evictions and halving all happen,
+# in the dense tables (order 1) and the others.
+CFG = CountsConfig(enabled=True, orders=(1, 2, 4), dense_below=2, dense_log2=4, table_log2=5,
+                   keep=3, limit=6)
 V = 12
 
 
@@ -27,7 +29,7 @@ def _jitted_update(cfg: CountsConfig):
 
 def _run(stream: np.ndarray, T: int, cfg: CountsConfig = CFG):
   """Counts [n, O, V] over a whole stream fed in chunks of T (the last one padded)."""
-  state, update, out = init_counts(cfg, 1, T), _jitted_update(cfg), []
+  state, update, out = init_counts(cfg, 1, T, V), _jitted_update(cfg), []
   for lo in range(0, len(stream), T):
     piece = stream[lo:lo + T]
     padded = np.full(T, V - 1, np.int32)
@@ -59,15 +61,16 @@ def test_a_tokens_counts_never_see_it_or_later_tokens(rng):
 def test_memory_is_fixed_over_a_thousand_steps(rng):
   _, state = _run(rng.integers(0, 5, 1000).astype(np.int32), 1)
   spec = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)
-  assert spec(state) == spec(init_counts(CFG, 1, 1))
+  assert spec(state) == spec(init_counts(CFG, 1, 1, V))
 
 
 def test_padding_is_neither_counted_nor_recorded(rng):
   stream = rng.integers(0, 5, 40).astype(np.int32)
   _, state = _run(stream, 57)  # 40 real tokens, 17 padding (token V - 1, never in the stream)
-  counts = state.entry_BxOxSxK >> 16
-  tokens = state.entry_BxOxSxK & 0xFFFF
+  counts = state.entry_BxPxSxK >> 16
+  tokens = state.entry_BxPxSxK & 0xFFFF
   assert int(counts.sum()) > 0 and not np.any((tokens == V - 1) & (counts > 0))
+  assert int(state.dense_BxDxSxV.sum()) > 0 and not state.dense_BxDxSxV[..., V - 1].any()
   np.testing.assert_array_equal(state.recent_BxN[0], stream[-4:])
 
 

@@ -120,7 +120,8 @@ class Predictor:
     return Carry(rec_state=self.lm.init_state(batch),
                  last_token_B=jnp.full((batch,), bos_id, jnp.int32),
                  match=init_match(self.match_cfg, batch) if self.match_cfg else None,
-                 counts=(init_counts(self.counts_cfg, batch, self.chunk_tokens)
+                 counts=(init_counts(self.counts_cfg, batch, self.chunk_tokens,
+                                     self.lm.vocab_size)
                          if self.counts_cfg else None))
 
   def read(self, carry: Carry, tokens_BxT, n_real_B, next_only: bool = False) -> Read:

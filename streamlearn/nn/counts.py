@@ -15,7 +15,9 @@ a later one). Memory is fixed: the last N tokens and one table per order.
 A table slot holds one context, checked by its full hash: another context that
 hashes to the slot reads nothing, and the one written last in a chunk takes the
 slot. Counts above `limit` halve the slot's counts (recent statistics weigh
-more, as in PPM's rescaling).
+more, as in PPM's rescaling). The low orders (below `dense_below`: few
+contexts, each followed by many tokens) keep every token's count, a row over
+the vocabulary per slot; the others keep their K most frequent tokens.
 
 The tables change only at the end of a chunk, so what a token is predicted
 from depends on where the chunks are cut: generation keeps the chunk in
@@ -43,8 +45,12 @@ _TOKEN_BITS = 16  # an entry is token | count << 16: tokens below 2^16, counts b
 @flax.struct.dataclass
 class CountState:
   recent_BxN: jax.Array       # int32: the N tokens before the chunk, oldest first; -1: none
-  check_BxOxS: jax.Array      # int32: the hash of the context a slot holds (> 0); 0 = empty
-  entry_BxOxSxK: jax.Array    # int32: token | count << 16 of its K most frequent next tokens
+  # The low orders (below counts.dense_below): every token's count, a row per context.
+  dense_check_BxDxS: jax.Array  # int32: the hash of the context a slot holds (> 0); 0 = empty
+  dense_BxDxSxV: jax.Array    # int32: how often each token followed it
+  # The other orders: each context's K most frequent next tokens.
+  check_BxPxS: jax.Array      # int32: as dense_check
+  entry_BxPxSxK: jax.Array    # int32: token | count << 16
   # Generation only (the step's chunks always leave these empty): the tokens of the chunk
   # in progress, not in the tables yet (T = the step's chunk length).
   pending_BxT: jax.Array      # int32
@@ -55,12 +61,20 @@ class CountFeatures(NamedTuple):
   counts_BxTxOxV: jax.Array   # float32: how often each token followed each position's context
 
 
-def init_counts(cfg: CountsConfig, batch: int, chunk_tokens: int) -> CountState:
+def n_dense(cfg: CountsConfig) -> int:
+  """How many orders (the first ones: they ascend) keep every token's count."""
+  return sum(order < cfg.dense_below for order in cfg.orders)
+
+
+def init_counts(cfg: CountsConfig, batch: int, chunk_tokens: int, vocab: int) -> CountState:
   """The state before any token: nothing recent, empty tables."""
-  O, S, N = len(cfg.orders), 1 << cfg.table_log2, max(cfg.orders)
+  D, N = n_dense(cfg), max(cfg.orders)
+  P, S, S2 = len(cfg.orders) - D, 1 << cfg.table_log2, 1 << cfg.dense_log2
   return CountState(recent_BxN=jnp.full((batch, N), -1, jnp.int32),
-                    check_BxOxS=jnp.zeros((batch, O, S), jnp.int32),
-                    entry_BxOxSxK=jnp.zeros((batch, O, S, cfg.keep), jnp.int32),
+                    dense_check_BxDxS=jnp.zeros((batch, D, S2), jnp.int32),
+                    dense_BxDxSxV=jnp.zeros((batch, D, S2, vocab), jnp.int32),
+                    check_BxPxS=jnp.zeros((batch, P, S), jnp.int32),
+                    entry_BxPxSxK=jnp.zeros((batch, P, S, cfg.keep), jnp.int32),
                     pending_BxT=jnp.zeros((batch, chunk_tokens), jnp.int32),
                     n_pending_B=jnp.zeros((batch,), jnp.int32))
 
@@ -164,61 +178,117 @@ def _most_frequent(cand_OxTxC, count_OxTxV, keep: int):
   return count_OxTxK, token_OxTxK
 
 
-def _row(cfg: CountsConfig, vocab: int, recent_N, check_OxS, entry_OxSxK, tokens_T, n_real):
-  """One stream: the counts each of the chunk's tokens is predicted from, and the state after."""
-  T, N, O, S = tokens_T.shape[0], recent_N.shape[0], check_OxS.shape[0], check_OxS.shape[1]
-  t_T = jnp.arange(T)
-  real_T = t_T < n_real
-  ext_E = jnp.concatenate([recent_N, tokens_T])
-  slot_OxT, check_OxT = _slot_and_check(context_hashes(ext_E, T, cfg.orders), cfg.table_log2)
-
-  # What the tables held for each context before the chunk (nothing if another context holds
-  # the slot), as dense counts over the vocabulary.
+def _table_reads(check_OxS, slot_OxT, check_OxT):
+  """(the order index of each read, what the slots hold, whether it is each context's)."""
+  O, T = slot_OxT.shape
   order_OxT = jnp.broadcast_to(jnp.arange(O)[:, None], (O, T))
   held_OxT = check_OxS[order_OxT, slot_OxT]
-  entry_OxTxK = entry_OxSxK[order_OxT, slot_OxT]
-  hit_OxT = held_OxT == check_OxT
-  count_OxTxK = jnp.where(hit_OxT[..., None], entry_OxTxK >> _TOKEN_BITS, 0)
-  token_OxTxK = entry_OxTxK & ((1 << _TOKEN_BITS) - 1)
-  o_i, t_i = jnp.meshgrid(jnp.arange(O), t_T, indexing="ij")
-  base_OxTxV = jnp.zeros((O, T, vocab), jnp.float32).at[
-      o_i[..., None], t_i[..., None], token_OxTxK].add(count_OxTxK.astype(jnp.float32))
+  return order_OxT, held_OxT, held_OxT == check_OxT
 
-  # The chunk's own earlier tokens with the same context (padding counts for nothing).
-  onehot_TxV = jax.nn.one_hot(tokens_T, vocab, dtype=jnp.float32) * real_T[:, None]
-  earlier_OxTxV, prev_OxTxK = jax.vmap(_earlier_in_chunk, in_axes=(0, None, None, None))(
-      jnp.where(real_T[None], check_OxT, 0), tokens_T, onehot_TxV, cfg.keep)
-  counts_OxTxV = base_OxTxV + earlier_OxTxV
+
+def _dense_part(cfg: CountsConfig, check_DxS, table_DxSxV, h_DxT, earlier_DxTxV, onehot_TxV,
+                real_T):
+  """Orders that keep every token's count (a vocabulary-wide row per context): the counts,
+  and the tables after the chunk."""
+  S = check_DxS.shape[1]
+  slot_DxT, check_DxT = _slot_and_check(h_DxT, cfg.dense_log2)
+  order_DxT, held_DxT, hit_DxT = _table_reads(check_DxS, slot_DxT, check_DxT)
+  row_DxTxV = table_DxSxV[order_DxT, slot_DxT]
+  counts_DxTxV = jnp.where(hit_DxT[..., None], row_DxTxV, 0).astype(jnp.float32) + earlier_DxTxV
+  # The latest context in each slot writes its row, this chunk's counts added.
+  new_DxTxV = (counts_DxTxV + onehot_TxV[None]).astype(jnp.int32)
+  over_DxT = jnp.max(new_DxTxV, axis=-1) > cfg.limit
+  new_DxTxV = jnp.where(over_DxT[..., None], (new_DxTxV + 1) >> 1, new_DxTxV)
+  # The writes depend on the reads (counts and checks are >= 0, so the max with
+  # (min read >> 31) = 0 changes nothing): XLA must read first, and can then
+  # update the donated tables in place instead of copying them every step.
+  floor = jnp.minimum(jnp.min(held_DxT), jnp.min(row_DxTxV)) >> 31
+  writes_DxT = jax.vmap(_last_in_slot, in_axes=(0, None))(slot_DxT, real_T)
+  slot_DxT = jnp.where(writes_DxT, slot_DxT, S)
+  check_DxS = check_DxS.at[order_DxT, slot_DxT].set(jnp.maximum(check_DxT, floor), mode="drop")
+  table_DxSxV = table_DxSxV.at[order_DxT, slot_DxT].set(jnp.maximum(new_DxTxV, floor),
+                                                        mode="drop")
+  return counts_DxTxV, (check_DxS, table_DxSxV)
+
+
+def _sparse_part(cfg: CountsConfig, vocab: int, check_PxS, entry_PxSxK, h_PxT, earlier_PxTxV,
+                 prev_PxTxK, tokens_T, onehot_TxV, real_T):
+  """Orders that keep each context's `keep` most frequent tokens: the counts, and the tables
+  after the chunk."""
+  P, T, S = h_PxT.shape[0], h_PxT.shape[1], check_PxS.shape[1]
+  slot_PxT, check_PxT = _slot_and_check(h_PxT, cfg.table_log2)
+  order_PxT, held_PxT, hit_PxT = _table_reads(check_PxS, slot_PxT, check_PxT)
+  entry_PxTxK = entry_PxSxK[order_PxT, slot_PxT]
+  count_PxTxK = jnp.where(hit_PxT[..., None], entry_PxTxK >> _TOKEN_BITS, 0)
+  token_PxTxK = entry_PxTxK & ((1 << _TOKEN_BITS) - 1)
+  p_i, t_i = jnp.meshgrid(jnp.arange(P), jnp.arange(T), indexing="ij")
+  base_PxTxV = jnp.zeros((P, T, vocab), jnp.float32).at[
+      p_i[..., None], t_i[..., None], token_PxTxK].add(count_PxTxK.astype(jnp.float32))
+  counts_PxTxV = base_PxTxV + earlier_PxTxV
 
   # Each slot's new entries, written by the latest context in it: the most frequent of the
   # tokens it kept, this token and those of the `keep` latest earlier ones in the chunk
   # with the same context, counts halved past the limit. Others write out of bounds.
-  writes_OxT = jax.vmap(_last_in_slot, in_axes=(0, None))(slot_OxT, real_T)
-  cand_OxTxC = jnp.concatenate([jnp.where(count_OxTxK > 0, token_OxTxK, -1),
-                                jnp.broadcast_to(tokens_T[None, :, None], (O, T, 1)),
-                                prev_OxTxK], axis=-1)
-  top_OxTxK, new_token_OxTxK = _most_frequent(cand_OxTxC, counts_OxTxV + onehot_TxV[None],
+  writes_PxT = jax.vmap(_last_in_slot, in_axes=(0, None))(slot_PxT, real_T)
+  cand_PxTxC = jnp.concatenate([jnp.where(count_PxTxK > 0, token_PxTxK, -1),
+                                jnp.broadcast_to(tokens_T[None, :, None], (P, T, 1)),
+                                prev_PxTxK], axis=-1)
+  top_PxTxK, new_token_PxTxK = _most_frequent(cand_PxTxC, counts_PxTxV + onehot_TxV[None],
                                               cfg.keep)
-  over_OxT = top_OxTxK[..., 0] > cfg.limit
-  top_OxTxK = jnp.where(over_OxT[..., None], (top_OxTxK + 1) >> 1, top_OxTxK)
-  new_entry_OxTxK = new_token_OxTxK | (top_OxTxK << _TOKEN_BITS)
-  # The writes depend on the reads (entries and checks are >= 0, so the max with
-  # (min read >> 31) = 0 changes nothing): XLA must read first, and can then
-  # update the donated tables in place instead of copying them every step.
-  floor = jnp.minimum(jnp.min(held_OxT), jnp.min(entry_OxTxK)) >> 31
-  slot_OxT = jnp.where(writes_OxT, slot_OxT, S)
-  check_OxS = check_OxS.at[order_OxT, slot_OxT].set(jnp.maximum(check_OxT, floor), mode="drop")
-  entry_OxSxK = entry_OxSxK.at[order_OxT, slot_OxT].set(jnp.maximum(new_entry_OxTxK, floor),
+  over_PxT = top_PxTxK[..., 0] > cfg.limit
+  top_PxTxK = jnp.where(over_PxT[..., None], (top_PxTxK + 1) >> 1, top_PxTxK)
+  new_entry_PxTxK = new_token_PxTxK | (top_PxTxK << _TOKEN_BITS)
+  floor = jnp.minimum(jnp.min(held_PxT), jnp.min(entry_PxTxK)) >> 31  # as in _dense_part
+  slot_PxT = jnp.where(writes_PxT, slot_PxT, S)
+  check_PxS = check_PxS.at[order_PxT, slot_PxT].set(jnp.maximum(check_PxT, floor), mode="drop")
+  entry_PxSxK = entry_PxSxK.at[order_PxT, slot_PxT].set(jnp.maximum(new_entry_PxTxK, floor),
                                                         mode="drop")
+  return counts_PxTxV, (check_PxS, entry_PxSxK)
+
+
+def _row(cfg: CountsConfig, vocab: int, tables: tuple, recent_N, tokens_T, n_real):
+  """One stream: the counts each of the chunk's tokens is predicted from, and the state after.
+
+  tables: (dense checks, dense rows, sparse checks, sparse entries) of this stream.
+  """
+  T, N, D = tokens_T.shape[0], recent_N.shape[0], n_dense(cfg)
+  real_T = jnp.arange(T) < n_real
+  ext_E = jnp.concatenate([recent_N, tokens_T])
+  h_OxT = context_hashes(ext_E, T, cfg.orders)
+  # The chunk's own earlier tokens with the same context (padding counts for nothing).
+  onehot_TxV = jax.nn.one_hot(tokens_T, vocab, dtype=jnp.float32) * real_T[:, None]
+  _, check_OxT = _slot_and_check(h_OxT, 32)
+  earlier_OxTxV, prev_OxTxK = jax.vmap(_earlier_in_chunk, in_axes=(0, None, None, None))(
+      jnp.where(real_T[None], check_OxT, 0), tokens_T, onehot_TxV, cfg.keep)
+  dense_check, dense, check, entry = tables
+  parts = []
+  if D:
+    counts_DxTxV, (dense_check, dense) = _dense_part(
+        cfg, dense_check, dense, h_OxT[:D], earlier_OxTxV[:D], onehot_TxV, real_T)
+    parts.append(counts_DxTxV)
+  if D < len(cfg.orders):
+    counts_PxTxV, (check, entry) = _sparse_part(
+        cfg, vocab, check, entry, h_OxT[D:], earlier_OxTxV[D:], prev_OxTxK[D:], tokens_T,
+        onehot_TxV, real_T)
+    parts.append(counts_PxTxV)
   recent_N = jax.lax.dynamic_slice_in_dim(ext_E, n_real, N)
-  return jnp.moveaxis(counts_OxTxV, 0, 1), (recent_N, check_OxS, entry_OxSxK)
+  counts_TxOxV = jnp.moveaxis(jnp.concatenate(parts), 0, 1)
+  return counts_TxOxV, ((dense_check, dense, check, entry), recent_N)
 
 
 def _rows(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxT, n_real_B):
+  """(counts [B, T, O, V], the state's tables and recent tokens after the chunk)."""
   if vocab >= 1 << _TOKEN_BITS:
     raise ValueError(f"counts: a vocabulary of {vocab} tokens does not fit a count entry")
-  return jax.vmap(lambda r, c, e, tok, n: _row(cfg, vocab, r, c, e, tok, n))(
-      state.recent_BxN, state.check_BxOxS, state.entry_BxOxSxK, tokens_BxT, n_real_B)
+  counts, (tables, recent) = jax.vmap(lambda tab, r, tok, n: _row(cfg, vocab, tab, r, tok, n))(
+      _tables(state), state.recent_BxN, tokens_BxT, n_real_B)
+  return counts, state.replace(recent_BxN=recent, dense_check_BxDxS=tables[0],
+                               dense_BxDxSxV=tables[1], check_BxPxS=tables[2],
+                               entry_BxPxSxK=tables[3])
+
+
+def _tables(state: CountState) -> tuple:
+  return (state.dense_check_BxDxS, state.dense_BxDxSxV, state.check_BxPxS, state.entry_BxPxSxK)
 
 
 def counts_update(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxT: jax.Array,
@@ -228,9 +298,8 @@ def counts_update(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxT: 
   The step's path: a chunk starts with no pending tokens. Tokens past n_real_B[b]
   are padding: they are neither counted nor recorded.
   """
-  counts_BxTxOxV, (recent, check, entry) = _rows(cfg, vocab, state, tokens_BxT, n_real_B)
-  return CountFeatures(counts_BxTxOxV), state.replace(recent_BxN=recent, check_BxOxS=check,
-                                                      entry_BxOxSxK=entry)
+  counts_BxTxOxV, state = _rows(cfg, vocab, state, tokens_BxT, n_real_B)
+  return CountFeatures(counts_BxTxOxV), state
 
 
 def counts_next(cfg: CountsConfig, vocab: int, state: CountState) -> CountFeatures:
@@ -264,12 +333,9 @@ def counts_append(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxU: 
   full_B = total_B >= T
 
   def fold(state: CountState) -> CountState:
-    _, (recent, check, entry) = _rows(cfg, vocab, state, window_BxW[:, :T],
-                                      jnp.full((B,), T, jnp.int32))
+    _, folded = _rows(cfg, vocab, state, window_BxW[:, :T], jnp.full((B,), T, jnp.int32))
     keep = lambda new, old: jnp.where(full_B.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
-    return state.replace(recent_BxN=keep(recent, state.recent_BxN),
-                         check_BxOxS=keep(check, state.check_BxOxS),
-                         entry_BxOxSxK=keep(entry, state.entry_BxOxSxK))
+    return jax.tree.map(keep, folded, state)
 
   # Once a chunk in many tokens: the branch skips the fold (and its copy) otherwise.
   state = jax.lax.cond(jnp.any(full_B), fold, lambda s: s, state)
@@ -287,14 +353,16 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
   earlier positions with the same context; at the chunk's end the latest context
   in each slot writes the K most frequent (ties: the lower token) of its
   candidates (the tokens it held, its own, and those of its K latest earlier
-  positions in the chunk), halved past the limit.
+  positions in the chunk; every token for the orders below `dense_below`),
+  halved past the limit.
   """
   N, n = max(cfg.orders), len(stream)
   ext = np.concatenate([np.full(N, -1), stream]).astype(np.int64)
   out = np.zeros((n, len(cfg.orders), vocab))
   tables = [dict() for _ in cfg.orders]
-  keys = [[_reference_slot(ext[N + p - order:N + p], order, cfg.table_log2) for p in range(n)]
-          for order in cfg.orders]
+  log2 = [cfg.dense_log2 if order < cfg.dense_below else cfg.table_log2 for order in cfg.orders]
+  keys = [[_reference_slot(ext[N + p - order:N + p], order, log2[o]) for p in range(n)]
+          for o, order in enumerate(cfg.orders)]
   for lo in range(0, n, T):
     hi = min(lo + T, n)
     writes = [dict() for _ in cfg.orders]  # slot -> (check, counts, candidates): the latest's
@@ -312,10 +380,12 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
         candidates = ({t for t, c in held.items() if c > 0} if held_check == check else set())
         candidates |= {int(stream[p])} | {int(stream[q]) for q in same[-cfg.keep:]}
         writes[o][slot] = (check, counts, candidates)
-    for o in range(len(cfg.orders)):
+    for o, order in enumerate(cfg.orders):
       for slot, (check, counts, candidates) in writes[o].items():
+        if order < cfg.dense_below:  # every token kept
+          candidates = counts
         top = sorted(((t, counts[t]) for t in candidates), key=lambda kv: (-kv[1], kv[0]))
-        top = top[:cfg.keep]
+        top = top[:cfg.keep if order >= cfg.dense_below else None]
         if top and top[0][1] > cfg.limit:
           top = [(token, (c + 1) >> 1) for token, c in top]
         tables[o][slot] = (check, dict(top))
