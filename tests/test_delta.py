@@ -14,7 +14,7 @@ from streamlearn.cli.run import main
 from streamlearn.config import load_config
 from streamlearn.learn import delta as dl
 from streamlearn.learn import replay as replay_lib
-from streamlearn.learn.build import build, forget_built
+from streamlearn.learn.build import _build, build, step_shaping
 from streamlearn.learn.chunk import Chunk
 from streamlearn.learn.state import init_learner
 from streamlearn.nn.model import LM
@@ -238,13 +238,13 @@ def _traced(overrides, monkeypatch):
   original_gate = dl.gate
   monkeypatch.setattr(dl, "gate", lambda *a: (calls.__setitem__("gate", calls["gate"] + 1),
                                               original_gate(*a))[1])
-  forget_built()
-  predictor, optimizer, step = build(config(*overrides), VOCAB)
+  # Built afresh (traced with the counters in), not through build's cache: the cache keeps
+  # the steps the other tests compiled (clearing it made each of them trace and lower again).
+  predictor, optimizer, step = _build.__wrapped__(step_shaping(config(*overrides)), VOCAB)
   state = jax.eval_shape(lambda: init_learner(predictor, optimizer, seed=0, bos_id=BOS))
   chunk = jax.eval_shape(lambda: chunk_of(np.zeros(T)))
   calls.update(apply=0, apply_with_hidden=0, gate=0)
   _, metrics = jax.eval_shape(step, state, chunk)
-  forget_built()
   return calls, set(metrics), state
 
 
