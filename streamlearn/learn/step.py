@@ -86,13 +86,9 @@ def learn_if_finite(ok, learn, old: LearnerState,
   every step; the branch lets the donated buffers update in place. (Under vmap,
   a swarm, JAX turns it back into a select.)
   """
-  # The tables are the same whichever branch runs: they go round the branch, not through
-  # it (a branch's results are new buffers: tens of MB copied every step).
-  tables = {"match": carry.match, "counts": carry.counts}
-  bare = lambda c: c.replace(match=None, counts=None)
-  kept = old.replace(carry=bare(old.carry))
-  new = jax.lax.cond(ok, lambda: learn().replace(carry=bare(carry)), lambda: kept)
-  return new.replace(carry=new.carry.replace(**tables)), 1.0 - ok.astype(jnp.float32)
+  kept = old.replace(carry=old.carry.replace(match=carry.match, counts=carry.counts))
+  new = jax.lax.cond(ok, lambda: learn().replace(carry=carry), lambda: kept)
+  return new, 1.0 - ok.astype(jnp.float32)
 
 
 # --- the plain step -------------------------------------------------------------------------
