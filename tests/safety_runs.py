@@ -31,9 +31,13 @@ ARRIVAL_DELTA = FULL_DELTA + ["delta.forecast_channel=false", "delta.residual=0"
                               "delta.arrival=true"]
 
 
-# Count models and the mixer on the tiny learner, small tables: one config for every test
-# that compiles them (one compiled step per process, shared through the cache).
-MIXER = ["counts.enabled=true", "mixer.enabled=true", "counts.table_log2=8"]
+# Count models and the mixer on the tiny learner, small tables, every optional part on (the
+# word and column contexts, the token weight sets, the count map, the online weights, the
+# APM): one config for every test that compiles them (one compiled step per process,
+# shared through the cache).
+MIXER = ["counts.enabled=true", "mixer.enabled=true", "counts.table_log2=8", "counts.word=true",
+         "counts.column=true", "mixer.gate_token=true", "mixer.count_map=true",
+         "mixer.online_lr=0.01", "mixer.apm=true"]
 
 
 def load_script(name):

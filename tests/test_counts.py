@@ -1,5 +1,6 @@
 """The count models against a slow reference, their causality and memory; the mixer's identity."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,7 +12,8 @@ from streamlearn.config import ConfigError, CountsConfig, MixerConfig, load_conf
 from streamlearn.learn.build import build
 from streamlearn.nn.counts import CountFeatures, counts_update, init_counts, reference_counts
 from streamlearn.nn.match import MatchFeatures
-from streamlearn.nn.mixer import Mixer, gate_sets
+from streamlearn.nn.mixer import (Mixer, apm, count_map_logprobs, gate_sets, init_online,
+                                  online_weights)
 
 from safety_runs import FULL_DELTA, MIXER, TINY
 
@@ -23,16 +25,16 @@ V = 12
 
 
 @functools.cache
-def _jitted_update(cfg: CountsConfig):
-  return jax.jit(lambda s, tok, n: counts_update(cfg, V, s, tok, n), donate_argnums=0)
+def _jitted_update(cfg: CountsConfig, vocab: int):
+  return jax.jit(lambda s, tok, n: counts_update(cfg, vocab, s, tok, n), donate_argnums=0)
 
 
-def _run(stream: np.ndarray, T: int, cfg: CountsConfig = CFG):
+def _run(stream: np.ndarray, T: int, cfg: CountsConfig = CFG, vocab: int = V):
   """Counts [n, O, V] over a whole stream fed in chunks of T (the last one padded)."""
-  state, update, out = init_counts(cfg, 1, T, V), _jitted_update(cfg), []
+  state, update, out = init_counts(cfg, 1, T, vocab), _jitted_update(cfg, vocab), []
   for lo in range(0, len(stream), T):
     piece = stream[lo:lo + T]
-    padded = np.full(T, V - 1, np.int32)
+    padded = np.full(T, vocab - 1, np.int32)
     padded[:len(piece)] = piece
     features, state = update(state, jnp.asarray(padded[None]), jnp.asarray([len(piece)]))
     out.append(np.asarray(features.counts_BxTxOxV[0, :len(piece)]))
@@ -105,3 +107,133 @@ def test_the_mixer_weighs_each_input_by_its_gate(rng):
 def test_the_delta_learner_refuses_the_mixer_in_one_line():
   with pytest.raises(ConfigError, match=r"^mixer\.enabled: not built for the delta learner"):
     build(load_config(TINY, FULL_DELTA + MIXER), 259)
+
+
+WORDS = dataclasses.replace(CFG, word=True, column=True)
+BYTES = 259  # the byte tokenizer's vocabulary: the word and column contexts read bytes
+
+
+def _text(text: str) -> np.ndarray:
+  return np.frombuffer(text.encode(), np.uint8).astype(np.int32)
+
+
+@pytest.mark.parametrize("T", [1, 57])
+def test_word_and_column_counts_equal_a_slow_reference(rng, T):
+  # Letters of both cases, a UTF-8 byte, spaces, full stops and short lines.
+  alphabet = _text("\n .ABabc") .tolist() + [195]
+  stream = np.asarray(alphabet)[rng.choice(len(alphabet), 400, p=[.08, .15, .05, .07, .05,
+                                                                  .2, .15, .15, .1])]
+  counts, _ = _run(stream.astype(np.int32), T, WORDS, BYTES)
+  np.testing.assert_array_equal(counts, reference_counts(WORDS, BYTES, stream, T))
+  assert counts[:, -2].sum(-1).max() > 2 and counts[:, -1].sum(-1).max() > 2
+
+
+def test_the_word_context_spans_spaces_case_and_lines():
+  # After "Miss Benn" (however separated, either case) the word context has seen "e" once.
+  text = "Miss Bennet was here. MISS\n  benNet came"
+  counts, _ = _run(_text(text), 8, WORDS, BYTES)
+  at = text.index("benN") + 4  # predicting the second "e" of "benNet"
+  word = counts[at, -2]
+  assert word[ord("e")] == 1 and word.sum() == 1
+  assert counts[text.index("Bennet") + 4, -2].sum() == 0  # its first time: nothing seen
+
+
+def test_the_column_context_reads_the_token_above():
+  # "=" under "=" with "x" on its left, twice: the second time it has been seen once.
+  text = "a = 1\nb = 2\nx = 3\ncc\nd = 4\nx = 5\n"
+  counts, _ = _run(_text(text), 8, WORDS, BYTES)
+  first, second = text.index("x = 3") + 1, text.index("x = 5") + 1
+  assert counts[first, -1].sum() == 0
+  assert counts[second, -1][ord(" ")] == 1 and counts[second, -1].sum() == 1
+
+
+def test_word_and_column_counts_never_see_the_token_or_later_ones(rng):
+  alphabet = np.sort(_text("\n abAB="))
+  stream = alphabet[rng.integers(0, len(alphabet), 300)]
+  p = 250  # mid-chunk
+  changed = stream.copy()
+  changed[p:] = alphabet[(np.searchsorted(alphabet, changed[p:]) + 1) % len(alphabet)]
+  counts, _ = _run(stream, 16, WORDS, BYTES)
+  counts2, _ = _run(changed, 16, WORDS, BYTES)
+  np.testing.assert_array_equal(counts[:p + 1], counts2[:p + 1])
+  assert not np.array_equal(counts[p + 1:, -2:], counts2[p + 1:, -2:])
+
+
+def test_the_apm_token_weights_and_count_map_start_as_the_mixer_without_them(rng):
+  logits = jnp.asarray(rng.normal(size=(1, 6, V)) * 2, jnp.float32)
+  # Counts below 8: the count map starts at the fixed formula's values exactly there.
+  counts = CountFeatures(jnp.asarray(rng.integers(0, 4, (1, 6, 2, V)), jnp.float32))
+  match = MatchFeatures(jnp.full((1, 6, 1), 2, jnp.int32), jnp.asarray([[[0], [5], [0], [9],
+                                                                         [1], [0]]]))
+  previous = jnp.asarray(rng.integers(0, V, (1, 6)), jnp.int32)
+  outs = []
+  for extra in ({}, dict(apm=True, gate_token=True, count_map=True)):
+    mixer = Mixer(MixerConfig(enabled=True, **extra), n_orders=2, match=True)
+    params = jax.jit(mixer.init)(jax.random.PRNGKey(0), logits, counts, match, previous)
+    outs.append(jax.nn.log_softmax(mixer.apply(params, logits, counts, match, previous)))
+  np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)
+
+
+def test_the_apm_interpolates_its_corrections_at_stretch_p(rng):
+  K = 25
+  logits = rng.normal(size=(2, 3, V)) * 4
+  logits[0, 0, 0] = 40.0  # p rounds to 1: stretch clipped, still finite
+  corrections = rng.normal(size=(2, 3, K))
+  got = np.asarray(apm(jnp.asarray(logits, jnp.float32), jnp.asarray(corrections, jnp.float32)))
+  logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                keepdims=True)) - logits.max(-1, keepdims=True)
+  want = np.empty_like(logp)
+  for idx in np.ndindex(logp.shape):
+    p = np.exp(logp[idx])
+    s = np.clip(np.log(p) - np.log(max(1 - p, 1e-30)), -12, 12)
+    knot = (s + 12) / 24 * (K - 1)
+    lo = min(int(np.floor(knot)), K - 2)
+    table = corrections[idx[:2]]
+    want[idx] = logp[idx] + table[lo] + (knot - lo) * (table[lo + 1] - table[lo])
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_the_count_map_reads_its_table_by_bucketed_counts(rng):
+  O, C = 2, 32
+  counts = rng.integers(0, 3, (1, 4, O, V)) * rng.integers(1, 200, (1, 4, O, V))
+  table = rng.normal(size=(O, C, C))
+  got = np.asarray(count_map_logprobs(CountFeatures(jnp.asarray(counts, jnp.float32)),
+                                      jnp.asarray(table, jnp.float32)))
+
+  def bucket(c):  # 0-7 exactly, then two per doubling: 8-11, 12-15, 16-22, 23-31, ...
+    return int(c) if c < 8 else min(8 + int(np.floor(2 * np.log2(c / 8))), C - 1)
+
+  for b, t, o, v in np.ndindex(counts.shape):
+    want = table[o, bucket(counts[b, t, o].sum()), bucket(counts[b, t, o, v])]
+    assert got[b, t, o, v] == np.float32(want), (b, t, o, v)
+  assert [bucket(c) for c in (7, 8, 11, 12, 15, 16, 22, 23)] == [7, 8, 8, 9, 9, 10, 10, 11]
+
+
+def test_the_online_mixer_steps_each_weight_set_after_its_token(rng):
+  B, T, J, G, lr = 2, 9, 3, 4, 0.05
+  base = rng.normal(size=(B, T, J)).astype(np.float32)
+  x = np.log(rng.dirichlet(np.ones(V), size=(B, T, J))).astype(np.float32)
+  g = rng.integers(0, G, (B, T)).astype(np.int32)
+  read = rng.integers(0, V, (B, T)).astype(np.int32)
+  n_real = np.asarray([T, 6], np.int32)
+  start = init_online(B, G, J, V)
+  # Row 1 has a position pending from before: the chunk's first token is its target.
+  start = start._replace(inputs_BxJxV=start.inputs_BxJxV.at[1].set(x[1, 0]),
+                         probs_BxV=start.probs_BxV.at[1].set(jax.nn.softmax(base[1, 0] @ x[1, 0])),
+                         gate_B=start.gate_B.at[1].set(2), pending_B=start.pending_B.at[1].set(True))
+  used, after = jax.jit(online_weights, static_argnums=0)(lr, start, base, x, g, read, n_real)
+  for b in range(B):  # one position at a time
+    delta = np.zeros((G, J))
+    prev = (np.asarray(start.inputs_BxJxV[b]), np.asarray(start.probs_BxV[b]), 2) if b else None
+    for t in range(n_real[b]):
+      if prev is not None:
+        x_prev, p_prev, g_prev = prev
+        delta[g_prev] += lr * (x_prev[:, read[b, t]] - x_prev @ p_prev)
+      np.testing.assert_allclose(used[b, t], delta[g[b, t]], atol=1e-4)
+      z = (base[b, t] + delta[g[b, t]]) @ x[b, t]
+      prev = (x[b, t], np.exp(z - z.max()) / np.exp(z - z.max()).sum(), g[b, t])
+    np.testing.assert_allclose(after.delta_BxGxJ[b], delta, atol=1e-4)
+    np.testing.assert_allclose(after.inputs_BxJxV[b], prev[0])
+    assert int(after.gate_B[b]) == prev[2] and bool(after.pending_B[b])
+  assert np.abs(after.delta_BxGxJ).max() > 0.01

@@ -52,6 +52,8 @@ class CountsConfig:
   table_log2: int = 16        # slots per other order's table: 2^16 contexts
   keep: int = 16              # ...each keeping its most frequent next tokens, this many
   limit: int = 255            # a count past this halves the context's counts (recent weighs more)
+  word: bool = False          # also the word in progress and the one before (a table, as orders 3+)
+  column: bool = False        # also the token above (previous line) and to the left: code layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,11 @@ class MixerConfig:
   gate: bool = True           # a weight set per small context (count confidence, match length)
   count_weight: float = 0.3   # each count order's starting weight (the network's is 1)
   prior: float = 0.05         # pseudo-count of every token in a count prediction (learned on)
+  gate_token: bool = False    # plus a weight set per previous token (added to the gate's)
+  apm: bool = False           # an APM stage after the mix: corrections by stretch(p) per context
+  online_lr: float = 0.0      # > 0: the weights also move after every token, by this step size
+  count_map: bool = False     # counts -> log-probability by a learned table per order (by the
+                              # context's total and the token's count), not the fixed formula
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +89,7 @@ class DataConfig:
 class OptimConfig:
   learning_rate: float = 2.5e-3  # AdamW peak learning rate
   warmup_steps: int = 50       # linear warm-up from 0, then constant: a stream has no end
+  decay_steps: int = 0         # > 0: then decays as 1/sqrt(1 + step/decay_steps); 0: constant
   b1: float = 0.9
   b2: float = 0.99
   eps: float = 1e-8

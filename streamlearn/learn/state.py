@@ -24,7 +24,7 @@ from streamlearn.config import Config, ConfigError, CountsConfig, MatchConfig, O
 from streamlearn.learn.chunk import last_real_token, shift_in
 from streamlearn.learn.delta import DeltaSpec, DeltaState, delta_spec, init_delta
 from streamlearn.nn.counts import (CountFeatures, CountState, counts_append, counts_next,
-                                   counts_update, init_counts)
+                                   counts_update, init_counts, n_contexts)
 from streamlearn.nn.match import (MatchFeatures, MatchState, init_match, match_update,
                                   with_last_token)
 from streamlearn.nn.model import LM, ForecastInput
@@ -58,7 +58,7 @@ class LearnerState:
 
 def make_optimizer(cfg: OptimConfig, match_lr_mult: float = 1.0,
                    mixer_lr_mult: float | None = None) -> optax.GradientTransformation:
-  """AdamW after global-norm clipping; linear warm-up, then constant (a stream never ends).
+  """AdamW after global-norm clipping, on the schedule of `learning_rate`.
 
   The match model's trust table (`match_trust`) gets `match_lr_mult` times the
   learning rate: its few numbers must settle within the first hundred chunks,
@@ -68,8 +68,7 @@ def make_optimizer(cfg: OptimConfig, match_lr_mult: float = 1.0,
   """
 
   def adamw(lr_mult: float, decay: float) -> optax.GradientTransformation:
-    schedule = optax.linear_schedule(0.0, cfg.learning_rate * lr_mult,
-                                     max(cfg.warmup_steps, 1))
+    schedule = lambda count: learning_rate(cfg, count) * lr_mult
     # Decay matrices only: norms' scales, biases and the LRU's decay logits stay put.
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
@@ -87,7 +86,12 @@ def make_optimizer(cfg: OptimConfig, match_lr_mult: float = 1.0,
 
 
 def learning_rate(cfg: OptimConfig, step: jax.Array) -> jax.Array:
-  return cfg.learning_rate * jnp.minimum(1.0, step / max(cfg.warmup_steps, 1))
+  """The schedule: a linear warm-up from 0, then constant, or with `optim.decay_steps` > 0
+  decaying as 1 / sqrt(1 + step / decay_steps), as online compressors' networks do."""
+  lr = cfg.learning_rate * jnp.minimum(1.0, step / max(cfg.warmup_steps, 1))
+  if cfg.decay_steps:
+    lr = lr * jax.lax.rsqrt(1.0 + step / cfg.decay_steps)
+  return lr
 
 
 class Read(NamedTuple):
@@ -224,7 +228,8 @@ def make_predictor(config: Config, vocab_size: int) -> Predictor:
           match_orders=len(match_cfg.orders) if match_cfg else 0,
           forecast_channel=bool(spec and spec.channel),
           surprise_head=bool(spec and spec.delta.residual > 0), mixer_cfg=mixer_cfg,
-          count_orders=len(counts_cfg.orders) if counts_cfg else 0)
+          count_orders=n_contexts(counts_cfg) if counts_cfg else 0,
+          gate_orders=len(counts_cfg.orders) if counts_cfg else 0)
   return Predictor(lm, match_cfg, spec, counts_cfg, config.data.chunk_tokens)
 
 

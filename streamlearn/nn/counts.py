@@ -7,6 +7,16 @@ mixer (`streamlearn.nn.mixer`) turns each order's counts into a prediction and
 weighs it against the network's. This is PPM's and paq's order-k model,
 restricted to what a jitted step can update in place.
 
+Besides the n-gram orders, two contexts that reach further back (paq's word and
+column models), each a table like an order's and read the same way:
+  word:   the letters of the word in progress and of the word before it (case
+          folded; any non-letter ends a word), so "Miss Bennet" predicts "et"
+          after "Miss Benn" however many spaces or line breaks lie between;
+  column: the token right above in the previous line and the one to the left,
+          which for source code predicts indentation and aligned columns.
+They read token ids as bytes (the byte tokenizer's ids 0-255); on a BPE
+vocabulary they are contexts all the same, only weaker.
+
 Causal by construction, and exact inside a chunk: the counts for the token at
 stream position p are those of the tables as the previous chunk left them plus
 the chunk's own tokens before p with the same context (never p's own token or
@@ -40,6 +50,11 @@ import numpy as np
 from streamlearn.config import CountsConfig
 
 _TOKEN_BITS = 16  # an entry is token | count << 16: tokens below 2^16, counts below 2^15
+WORD_LOOKBACK = 32     # the word context reads at most this many tokens back
+COLUMN_LOOKBACK = 160  # the column context finds the previous line only this far back
+_NEWLINE = 10
+# Folded into a context's final hash so contexts never share a meaning (orders use 1..64).
+_WORD_TAG, _COLUMN_TAG = 65, 66
 
 
 @flax.struct.dataclass
@@ -66,10 +81,25 @@ def n_dense(cfg: CountsConfig) -> int:
   return sum(order < cfg.dense_below for order in cfg.orders)
 
 
+def context_tags(cfg: CountsConfig) -> tuple[int, ...]:
+  """Every context counted, in the tables' (and the mixer's inputs') order: the n-gram
+  orders, then the word context, then the column context (their tags)."""
+  return cfg.orders + (_WORD_TAG,) * cfg.word + (_COLUMN_TAG,) * cfg.column
+
+
+def n_contexts(cfg: CountsConfig) -> int:
+  return len(context_tags(cfg))
+
+
+def lookback(cfg: CountsConfig) -> int:
+  """How many tokens before a chunk the state keeps: what the furthest context reads."""
+  return max(max(cfg.orders), WORD_LOOKBACK * cfg.word, COLUMN_LOOKBACK * cfg.column)
+
+
 def init_counts(cfg: CountsConfig, batch: int, chunk_tokens: int, vocab: int) -> CountState:
   """The state before any token: nothing recent, empty tables."""
-  D, N = n_dense(cfg), max(cfg.orders)
-  P, S, S2 = len(cfg.orders) - D, 1 << cfg.table_log2, 1 << cfg.dense_log2
+  D, N = n_dense(cfg), lookback(cfg)
+  P, S, S2 = n_contexts(cfg) - D, 1 << cfg.table_log2, 1 << cfg.dense_log2
   return CountState(recent_BxN=jnp.full((batch, N), -1, jnp.int32),
                     dense_check_BxDxS=jnp.zeros((batch, D, S2), jnp.int32),
                     dense_BxDxSxV=jnp.zeros((batch, D, S2, vocab), jnp.int32),
@@ -79,22 +109,84 @@ def init_counts(cfg: CountsConfig, batch: int, chunk_tokens: int, vocab: int) ->
                     n_pending_B=jnp.zeros((batch,), jnp.int32))
 
 
-def context_hashes(ext_E, T: int, orders: tuple[int, ...]) -> jax.Array:
-  """uint32 [O, T]: a hash of the `order` tokens before each of the last T positions of ext_E.
+_FNV_START, _FNV_PRIME = 0x811C9DC5, 0x01000193
 
-  Nearest token first (FNV-1a), so one pass over max(orders) tokens serves every
-  order; the order is folded into the final mix so orders never share a meaning.
+
+def _fnv(h, token):
+  """One FNV-1a round (uint32): token -1 (before the stream) hashes as 0."""
+  return (h ^ (token + 1).astype(jnp.uint32)) * jnp.uint32(_FNV_PRIME)
+
+
+def _finish(h, tag: int):
+  """The final mix of a context's hash, with its tag: contexts never share a meaning."""
+  mixed = (h ^ jnp.uint32(tag * 0x27D4EB2F & 0xFFFFFFFF)) * jnp.uint32(0x9E3779B1)
+  return mixed ^ (mixed >> 15)
+
+
+def context_hashes(cfg: CountsConfig, ext_E, T: int) -> jax.Array:
+  """uint32 [C, T]: a hash of each context (`context_tags`) of the last T positions of ext_E.
+
+  An order's context is the `order` tokens before the position, nearest token first
+  (FNV-1a), so one pass over max(orders) tokens serves every order.
   """
   back = ext_E.shape[0] - T
-  h_T = jnp.full((T,), 0x811C9DC5, jnp.uint32)
+  h_T = jnp.full((T,), _FNV_START, jnp.uint32)
   out = {}
-  for i in range(1, max(orders) + 1):
-    token_T = jax.lax.dynamic_slice_in_dim(ext_E, back - i, T).astype(jnp.uint32)
-    h_T = (h_T ^ (token_T + 1)) * jnp.uint32(0x01000193)
-    if i in orders:
-      mixed_T = (h_T ^ jnp.uint32(i * 0x27D4EB2F & 0xFFFFFFFF)) * jnp.uint32(0x9E3779B1)
-      out[i] = mixed_T ^ (mixed_T >> 15)
-  return jnp.stack([out[order] for order in orders])
+  for i in range(1, max(cfg.orders) + 1):
+    h_T = _fnv(h_T, jax.lax.dynamic_slice_in_dim(ext_E, back - i, T))
+    if i in cfg.orders:
+      out[i] = _finish(h_T, i)
+  rows = [out[order] for order in cfg.orders]
+  if cfg.word:
+    rows.append(_finish(_word_hash(ext_E, T), _WORD_TAG))
+  if cfg.column:
+    rows.append(_finish(_column_hash(ext_E, T), _COLUMN_TAG))
+  return jnp.stack(rows)
+
+
+def _is_letter(token):
+  """ASCII letters and the bytes of multi-byte UTF-8 characters (accented letters)."""
+  lower = token | 32
+  return ((lower >= 97) & (lower <= 122)) | ((token >= 128) & (token < 256))
+
+
+def _word_hash(ext_E, T: int):
+  """uint32 [T]: per position, the word in progress and the word before it (nearest letter
+  first, case folded), as the loop in `_reference_word` reads them."""
+  back = ext_E.shape[0] - T
+  now_T = jnp.full((T,), _FNV_START, jnp.uint32)  # the word in progress
+  before_T = jnp.full((T,), _FNV_START, jnp.uint32)  # the word before it
+  phase_T = jnp.zeros((T,), jnp.int32)  # 0: in the word, 1: between words, 2: in the one before
+  for i in range(1, WORD_LOOKBACK + 1):
+    token_T = jax.lax.dynamic_slice_in_dim(ext_E, back - i, T)
+    letter_T = _is_letter(token_T)
+    folded_T = jnp.where(letter_T & (token_T < 128), token_T | 32, token_T)
+    now_T = jnp.where((phase_T == 0) & letter_T, _fnv(now_T, folded_T), now_T)
+    phase_T = jnp.where((phase_T == 1) & letter_T, 2, phase_T)
+    before_T = jnp.where((phase_T == 2) & letter_T, _fnv(before_T, folded_T), before_T)
+    phase_T = jnp.where((phase_T == 0) & ~letter_T, 1,
+                        jnp.where((phase_T == 2) & ~letter_T, 3, phase_T))
+  return ((now_T * jnp.uint32(0x2545F491)) ^ before_T) * jnp.uint32(_FNV_PRIME)
+
+
+def _column_hash(ext_E, T: int):
+  """uint32 [T]: per position p, the token above it (same column, previous line) and the
+  token to its left. Above is -2 where the previous line is shorter, -3 where a line
+  start is not within COLUMN_LOOKBACK tokens before p."""
+  E = ext_E.shape[0]
+  e_E = jnp.arange(E)
+  # The latest newline before each index (-1: none): a running max of their places.
+  newline_before_E = jnp.concatenate([jnp.full((1,), -1, jnp.int32), jax.lax.cummax(
+      jnp.where(ext_E == _NEWLINE, e_E, -1).astype(jnp.int32))[:-1]])
+  e_T = e_E[E - T:]
+  start_T = newline_before_E[E - T:] + 1          # this line's first index
+  prev_start_T = newline_before_E[jnp.maximum(start_T - 1, 0)] + 1
+  above_at_T = prev_start_T + (e_T - start_T)
+  known_T = (start_T >= 1) & (prev_start_T >= 1) & (prev_start_T - 1 >= e_T - COLUMN_LOOKBACK)
+  above_T = jnp.where(above_at_T < start_T - 1, ext_E[jnp.minimum(above_at_T, E - 1)], -2)
+  above_T = jnp.where(known_T, above_T, -3)
+  # (+ 2: _fnv reads tokens from -1 on)
+  return _fnv(_fnv(jnp.full((T,), _FNV_START, jnp.uint32), above_T + 2), ext_E[e_T - 1])
 
 
 def _slot_and_check(h_OxT, table_log2: int):
@@ -254,7 +346,7 @@ def _row(cfg: CountsConfig, vocab: int, tables: tuple, recent_N, tokens_T, n_rea
   T, N, D = tokens_T.shape[0], recent_N.shape[0], n_dense(cfg)
   real_T = jnp.arange(T) < n_real
   ext_E = jnp.concatenate([recent_N, tokens_T])
-  h_OxT = context_hashes(ext_E, T, cfg.orders)
+  h_OxT = context_hashes(cfg, ext_E, T)
   # The chunk's own earlier tokens with the same context (padding counts for nothing).
   onehot_TxV = jax.nn.one_hot(tokens_T, vocab, dtype=jnp.float32) * real_T[:, None]
   _, check_OxT = _slot_and_check(h_OxT, 32)
@@ -266,7 +358,7 @@ def _row(cfg: CountsConfig, vocab: int, tables: tuple, recent_N, tokens_T, n_rea
     counts_DxTxV, (dense_check, dense) = _dense_part(
         cfg, dense_check, dense, h_OxT[:D], earlier_OxTxV[:D], onehot_TxV, real_T)
     parts.append(counts_DxTxV)
-  if D < len(cfg.orders):
+  if D < n_contexts(cfg):
     counts_PxTxV, (check, entry) = _sparse_part(
         cfg, vocab, check, entry, h_OxT[D:], earlier_OxTxV[D:], prev_OxTxK[D:], tokens_T,
         onehot_TxV, real_T)
@@ -356,17 +448,20 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
   positions in the chunk; every token for the orders below `dense_below`),
   halved past the limit.
   """
-  N, n = max(cfg.orders), len(stream)
+  N, n = lookback(cfg), len(stream)
   ext = np.concatenate([np.full(N, -1), stream]).astype(np.int64)
-  out = np.zeros((n, len(cfg.orders), vocab))
-  tables = [dict() for _ in cfg.orders]
-  log2 = [cfg.dense_log2 if order < cfg.dense_below else cfg.table_log2 for order in cfg.orders]
-  keys = [[_reference_slot(ext[N + p - order:N + p], order, log2[o]) for p in range(n)]
-          for o, order in enumerate(cfg.orders)]
+  tags = context_tags(cfg)
+  out = np.zeros((n, len(tags), vocab))
+  tables = [dict() for _ in tags]
+  log2 = [cfg.dense_log2 if tag < cfg.dense_below else cfg.table_log2 for tag in tags]
+  context = {_WORD_TAG: _reference_word, _COLUMN_TAG: _reference_column}
+  keys = [[_slot_of(context[tag](ext, N + p) if tag in context
+                    else _reference_order(ext[N + p - tag:N + p]), tag, log2[o])
+           for p in range(n)] for o, tag in enumerate(tags)]
   for lo in range(0, n, T):
     hi = min(lo + T, n)
-    writes = [dict() for _ in cfg.orders]  # slot -> (check, counts, candidates): the latest's
-    for o in range(len(cfg.orders)):
+    writes = [dict() for _ in tags]  # slot -> (check, counts, candidates): the latest's
+    for o in range(len(tags)):
       for p in range(lo, hi):
         slot, check = keys[o][p]
         held_check, held = tables[o].get(slot, (0, {}))
@@ -380,24 +475,68 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
         candidates = ({t for t, c in held.items() if c > 0} if held_check == check else set())
         candidates |= {int(stream[p])} | {int(stream[q]) for q in same[-cfg.keep:]}
         writes[o][slot] = (check, counts, candidates)
-    for o, order in enumerate(cfg.orders):
+    for o, tag in enumerate(tags):
       for slot, (check, counts, candidates) in writes[o].items():
-        if order < cfg.dense_below:  # every token kept
+        if tag < cfg.dense_below:  # every token kept
           candidates = counts
         top = sorted(((t, counts[t]) for t in candidates), key=lambda kv: (-kv[1], kv[0]))
-        top = top[:cfg.keep if order >= cfg.dense_below else None]
+        top = top[:cfg.keep if tag >= cfg.dense_below else None]
         if top and top[0][1] > cfg.limit:
           top = [(token, (c + 1) >> 1) for token, c in top]
         tables[o][slot] = (check, dict(top))
   return out
 
 
-def _reference_slot(context: np.ndarray, order: int, table_log2: int) -> tuple[int, int]:
-  """(slot, check) of one context, oldest token first, as `context_hashes` computes them."""
-  mask = 0xFFFFFFFF
-  h = 0x811C9DC5
+_MASK = 0xFFFFFFFF
+
+
+def _reference_fnv(h: int, token: int) -> int:
+  return ((h ^ ((token + 1) & _MASK)) * _FNV_PRIME) & _MASK
+
+
+def _reference_order(context: np.ndarray) -> int:
+  """An order's hash before its final mix: the tokens, nearest first."""
+  h = _FNV_START
   for token in context[::-1]:
-    h = ((h ^ ((int(token) + 1) & mask)) * 0x01000193) & mask
-  h = ((h ^ (order * 0x27D4EB2F & mask)) * 0x9E3779B1) & mask
+    h = _reference_fnv(h, int(token))
+  return h
+
+
+def _reference_word(ext: np.ndarray, e: int) -> int:
+  """The word context of the token at ext[e]: walk back over the word in progress, the
+  non-letters after the word before it, and that word; WORD_LOOKBACK tokens at most."""
+  letter = lambda t: (97 <= (t | 32) <= 122) or 128 <= t < 256
+  fold = lambda t: t | 32 if letter(t) and t < 128 else t
+  now = before = _FNV_START
+  phase = 0  # in the word, between words, in the one before, done
+  for i in range(1, WORD_LOOKBACK + 1):
+    t = int(ext[e - i])
+    if phase == 0 and letter(t):
+      now = _reference_fnv(now, fold(t))
+    elif phase == 0:
+      phase = 1
+    elif phase in (1, 2) and letter(t):
+      phase, before = 2, _reference_fnv(before, fold(t))
+    elif phase == 2:
+      phase = 3
+  return (((now * 0x2545F491) & _MASK) ^ before) * _FNV_PRIME & _MASK
+
+
+def _reference_column(ext: np.ndarray, e: int) -> int:
+  """The column context of the token at ext[e]: the token above it and the one to its left."""
+  window = range(e - 1, e - COLUMN_LOOKBACK - 1, -1)
+  newlines = [i for i in window if ext[i] == _NEWLINE]
+  if len(newlines) < 2:
+    above = -3  # this line's start or the previous one's is out of reach
+  else:
+    start, prev_start = newlines[0] + 1, newlines[1] + 1
+    column = e - start
+    above = int(ext[prev_start + column]) if prev_start + column < start - 1 else -2
+  return _reference_fnv(_reference_fnv(_FNV_START, above + 2), int(ext[e - 1]))
+
+
+def _slot_of(h: int, tag: int, table_log2: int) -> tuple[int, int]:
+  """(slot, check) of a context's hash, after the final mix with its tag."""
+  h = ((h ^ (tag * 0x27D4EB2F & _MASK)) * 0x9E3779B1) & _MASK
   h ^= h >> 15
   return h >> (32 - table_log2), (h >> 1) | 1

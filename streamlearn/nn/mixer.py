@@ -15,6 +15,15 @@ score-first step on the mixed loss.
 With only the network as input and its starting weight 1, the mixer gives back
 the network's distribution exactly (softmax is blind to the log-softmax shift).
 
+An APM stage (`mixer.apm`; paq's adaptive probability map, or SSE) can follow:
+each token's mixed probability p, as stretch(p) = ln(p / (1 - p)), moves by a
+learned piecewise-linear correction r(stretch(p)), interpolated between
+`_APM_KNOTS` knots, from two tables summed (paq averages an order-0 and an
+order-1 map): one row per gate set, one per previous token. The output logit
+of a token is its mixed log-probability plus r; the corrections start at zero,
+so the stage starts as the identity, and learn with the mixer's weights. It
+recalibrates what the mixture is over- or under-confident about, per context.
+
 Dimension letters: B = streams, T = tokens in a chunk, O = count orders,
 V = vocabulary, J = inputs, G = weight sets, M = match orders.
 """
@@ -22,10 +31,12 @@ V = vocabulary, J = inputs, G = weight sets, M = match orders.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from streamlearn.config import MixerConfig
 from streamlearn.nn.counts import CountFeatures
@@ -33,6 +44,8 @@ from streamlearn.nn.match import MatchFeatures
 
 _COUNT_BUCKETS = (2, 4, 16)  # seen 1, 2-3, 4-15, 16+ times
 _MATCH_BUCKETS = (1, 16)     # no match, shorter than 16, 16 or longer
+_APM_KNOTS = 25              # the APM's corrections are set at stretch(p) = -12, -11, ..., 12
+_APM_RANGE = 12.0
 
 
 def gate_sets(n_orders: int, match: bool) -> int:
@@ -77,6 +90,34 @@ def count_logprobs(counts: CountFeatures, prior_O) -> jax.Array:
   return jnp.log(c_BxTxOxV + a_O) - jnp.log(n_BxTxOx1 + a_O * V)
 
 
+_MAP_BUCKETS = 32  # counts 0-7 exactly, then two buckets per doubling (8, 11, 16, ...)
+
+
+def count_bucket(c):
+  """int32: a count's bucket in the learned count map: exact below 8, then logarithmic."""
+  log_part = 8 + jnp.floor(2 * jnp.log2(jnp.maximum(c, 8.0) / 8)).astype(jnp.int32)
+  return jnp.minimum(jnp.where(c < 8, c.astype(jnp.int32), log_part), _MAP_BUCKETS - 1)
+
+
+def count_map_start(n_orders: int, prior: float, vocab: int) -> jax.Array:
+  """float32 [O, N, C]: the count map where it starts, log((c + a) / (n + a V)) at each
+  bucket's smallest count: the fixed formula's values, so learning starts from there."""
+  q = np.arange(_MAP_BUCKETS)
+  smallest = np.where(q < 8, q, np.ceil(8 * 2.0 ** ((q - 8) / 2)))
+  table_NxC = np.log(smallest[None, :] + prior) - np.log(smallest[:, None] + prior * vocab)
+  return jnp.asarray(np.broadcast_to(table_NxC, (n_orders,) + table_NxC.shape), jnp.float32)
+
+
+def count_map_logprobs(counts: CountFeatures, table_OxNxC) -> jax.Array:
+  """float32 [B, T, O, V]: each order's prediction through the learned count map: the
+  entry for (the context's total count, the token's count), both bucketed."""
+  c_BxTxOxV = counts.counts_BxTxOxV
+  O = c_BxTxOxV.shape[2]
+  n_BxTxO = count_bucket(jnp.sum(c_BxTxOxV, axis=-1))
+  row_BxTxOxC = table_OxNxC[jnp.arange(O)[None, None, :], n_BxTxO]
+  return jnp.take_along_axis(row_BxTxOxC, count_bucket(c_BxTxOxV), axis=-1)
+
+
 def match_vote(match: MatchFeatures, vocab: int) -> jax.Array:
   """float32 [B, T, V]: one on the token the longest match predicts (none without a match)."""
   longest_BxT = jnp.argmax(match.length_BxTxO, axis=-1)
@@ -85,33 +126,141 @@ def match_vote(match: MatchFeatures, vocab: int) -> jax.Array:
   return jax.nn.one_hot(token_BxT, vocab, dtype=jnp.float32) * found_BxT[..., None]
 
 
+class OnlineMix(NamedTuple):
+  """The mixer's online part (`mixer.online_lr` > 0), carried with the recurrent state.
+
+  Corrections to the weight sets that move after every token, as paq's mixer
+  does, not once a chunk: the mix adapts within a chunk, and from the first
+  tokens of a stream on. A position's own token is only known when the next
+  position reads it, so the last position's inputs and mix wait here, pending,
+  until the next chunk's first token (the same token) arrives.
+  """
+
+  delta_BxGxJ: jax.Array   # float32: added to the learned weights
+  inputs_BxJxV: jax.Array  # the pending position's inputs
+  probs_BxV: jax.Array     # its mixed distribution
+  gate_B: jax.Array        # int32: its weight set
+  pending_B: jax.Array     # bool: whether a position is waiting for its token
+
+
+def init_online(batch: int, sets: int, inputs: int, vocab: int) -> OnlineMix:
+  return OnlineMix(jnp.zeros((batch, sets, inputs), jnp.float32),
+                   jnp.zeros((batch, inputs, vocab), jnp.float32),
+                   jnp.zeros((batch, vocab), jnp.float32), jnp.zeros((batch,), jnp.int32),
+                   jnp.zeros((batch,), bool))
+
+
+def online_weights(lr: float, online: OnlineMix, base_BxTxJ, x_BxTxJxV, g_BxT, read_BxT,
+                   n_real_B) -> tuple[jax.Array, OnlineMix]:
+  """(the online corrections each position is mixed with [B, T, J], the state after).
+
+  Before position t mixes, the token it read (the previous position's target) moves the
+  previous position's weight set one gradient step up its log-likelihood:
+  d log p(y) / d w_j = x_j[y] - sum_v p_v x_j[v]. Positions from n_real_B on change nothing.
+  """
+
+  def row(online: OnlineMix, base_TxJ, x_TxJxV, g_T, read_T, n_real):
+    def position(carry, at):
+      delta_GxJ, x_prev_JxV, p_prev_V, g_prev, pending = carry
+      t, base_J, x_JxV, g, y = at
+      real = t < n_real
+      grad_J = x_prev_JxV[:, y] - x_prev_JxV @ p_prev_V
+      delta_GxJ = delta_GxJ.at[g_prev].add(jnp.where(pending & real, lr * grad_J, 0.0))
+      used_J = delta_GxJ[g]
+      p_V = jax.nn.softmax((base_J + used_J) @ x_JxV)
+      keep = lambda new, old: jnp.where(real, new, old)
+      carry = (delta_GxJ, keep(x_JxV, x_prev_JxV), keep(p_V, p_prev_V), keep(g, g_prev),
+               pending | real)
+      return carry, used_J
+
+    T = base_TxJ.shape[0]
+    carry, used_TxJ = jax.lax.scan(position, tuple(online),
+                                   (jnp.arange(T), base_TxJ, x_TxJxV, g_T, read_T))
+    return used_TxJ, OnlineMix(*carry)
+
+  args = jax.lax.stop_gradient((base_BxTxJ, x_BxTxJxV))
+  used_BxTxJ, online = jax.vmap(row)(online, *args, g_BxT, read_BxT, n_real_B)
+  return used_BxTxJ, online
+
+
 class Mixer(nn.Module):
   """Mixes the network's logits with the count models' and the match model's predictions."""
 
   cfg: MixerConfig
-  n_orders: int      # count orders read (0: counts off)
+  n_orders: int      # count contexts read (0: counts off)
   match: bool        # the match model's vote is an input (and its length part of the gate)
+  gate_orders: int = 0  # the first ones are n-gram orders, ascending, that the gate reads
+                        # (0: all; the word and column contexts come after them)
+
+  @property
+  def n_inputs(self) -> int:
+    return 1 + self.n_orders + int(self.match)
+
+  @property
+  def n_sets(self) -> int:
+    return gate_sets(self.gate_orders or self.n_orders, self.match) if self.cfg.gate else 1
 
   @nn.compact
   def __call__(self, logits_BxTxV, counts: CountFeatures | None,
-               match: MatchFeatures | None) -> jax.Array:
+               match: MatchFeatures | None, previous_BxT: jax.Array | None = None,
+               online: OnlineMix | None = None, n_real_B: jax.Array | None = None):
+    """The mixed logits; previous_BxT (the token before each position) is a context of the
+    token weight sets and the APM. With `online` (`mixer.online_lr` > 0): (the mixed
+    logits, the online part after the first n_real_B positions)."""
     O, V = self.n_orders, logits_BxTxV.shape[-1]
-    J = 1 + O + int(self.match)
+    B, T = logits_BxTxV.shape[:2]
+    J, G = self.n_inputs, self.n_sets
     start_J = jnp.asarray([1.0] + [self.cfg.count_weight] * O + [0.0] * int(self.match))
-    G = gate_sets(O, self.match) if self.cfg.gate else 1
     weights_GxJ = self.param("weights", lambda key, shape: jnp.broadcast_to(start_J, shape),
                              (G, J))
-    g_BxT = gate_index(counts if O else None, match if self.match else None)
-    w_BxTxJ = weights_GxJ[g_BxT if self.cfg.gate else 0]
-    if w_BxTxJ.ndim == 1:
-      w_BxTxJ = jnp.broadcast_to(w_BxTxJ, logits_BxTxV.shape[:2] + (J,))
-    out_BxTxV = w_BxTxJ[..., :1] * jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32))
-    if O:
+    gate_counts = None if not O else CountFeatures(
+        counts.counts_BxTxOxV[:, :, :self.gate_orders or O])
+    g_BxT = jnp.broadcast_to(gate_index(gate_counts, match if self.match else None)
+                             if self.cfg.gate else 0, (B, T))
+    w_BxTxJ = weights_GxJ[g_BxT]
+    if previous_BxT is None:
+      previous_BxT = jnp.zeros((B, T), jnp.int32)
+    if self.cfg.gate_token:
+      # A second weight set by the previous token, added: paq selects mixer weights by
+      # the order-0/1 context too. It starts at zero, so the mix starts as without it.
+      w_BxTxJ = w_BxTxJ + self.param("weights_token", nn.initializers.zeros_init(),
+                                     (V, J))[previous_BxT]
+    inputs = [jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32))[:, :, None]]
+    if O and self.cfg.count_map:
+      table_OxNxC = self.param("count_map", lambda key: count_map_start(O, self.cfg.prior, V))
+      inputs.append(count_map_logprobs(counts, table_OxNxC))
+    elif O:
       # The pseudo-count per order, learned in log space (it must stay positive).
       log_prior_O = self.param("log_prior", nn.initializers.constant(math.log(self.cfg.prior)),
                                (O,))
-      out_BxTxV = out_BxTxV + jnp.einsum("bto,btov->btv", w_BxTxJ[..., 1:1 + O],
-                                         count_logprobs(counts, jnp.exp(log_prior_O)))
+      inputs.append(count_logprobs(counts, jnp.exp(log_prior_O)))
     if self.match:
-      out_BxTxV = out_BxTxV + w_BxTxJ[..., -1:] * match_vote(match, V)
-    return out_BxTxV
+      inputs.append(match_vote(match, V)[:, :, None])
+    x_BxTxJxV = jnp.concatenate(inputs, axis=2)
+    if online is not None:
+      if n_real_B is None:
+        n_real_B = jnp.full((B,), T, jnp.int32)
+      used_BxTxJ, online = online_weights(self.cfg.online_lr, online, w_BxTxJ, x_BxTxJxV,
+                                          g_BxT, previous_BxT, n_real_B)
+      w_BxTxJ = w_BxTxJ + used_BxTxJ
+    out_BxTxV = jnp.einsum("btj,btjv->btv", w_BxTxJ, x_BxTxJxV)
+    if self.cfg.apm:
+      by_gate_GxK = self.param("apm_gate", nn.initializers.zeros_init(), (G, _APM_KNOTS))
+      by_token_VxK = self.param("apm_token", nn.initializers.zeros_init(), (V, _APM_KNOTS))
+      out_BxTxV = apm(out_BxTxV, by_gate_GxK[g_BxT] + by_token_VxK[previous_BxT])
+    return out_BxTxV if online is None else (out_BxTxV, online)
+
+
+def apm(logits_BxTxV, corrections_BxTxK) -> jax.Array:
+  """Each token's log-probability plus the correction interpolated at its stretch(p)."""
+  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV)
+  # stretch(p) = ln p - ln(1 - p); the clip keeps it finite where p rounds to 1.
+  stretch_BxTxV = logp_BxTxV - jnp.log(jnp.maximum(-jnp.expm1(logp_BxTxV), 1e-30))
+  K = corrections_BxTxK.shape[-1]
+  at_BxTxV = (jnp.clip(stretch_BxTxV, -_APM_RANGE, _APM_RANGE) + _APM_RANGE) * (
+      (K - 1) / (2 * _APM_RANGE))
+  lo_BxTxV = jnp.minimum(jnp.floor(at_BxTxV), K - 2).astype(jnp.int32)
+  frac_BxTxV = at_BxTxV - lo_BxTxV
+  r_lo = jnp.take_along_axis(corrections_BxTxK, lo_BxTxV, axis=-1)
+  r_hi = jnp.take_along_axis(corrections_BxTxK, lo_BxTxV + 1, axis=-1)
+  return logp_BxTxV + (1 - frac_BxTxV) * r_lo + frac_BxTxV * r_hi

@@ -29,7 +29,7 @@ import numpy as np
 from streamlearn.config import MixerConfig, ModelConfig
 from streamlearn.nn.counts import CountFeatures
 from streamlearn.nn.match import MatchFeatures
-from streamlearn.nn.mixer import Mixer
+from streamlearn.nn.mixer import Mixer, init_online
 from streamlearn.nn.scan import linear_scan
 
 # RG-LRU: the decay is a^(c * r_t) with a learned a in (0, 1) and gate r_t;
@@ -192,6 +192,7 @@ class MicroLM(nn.Module):
   surprise_head: bool = False     # holds W of the residual linearisation (delta.residual > 0)
   mixer_cfg: MixerConfig | None = None  # the final logits are the mixer's (streamlearn/nn/mixer.py)
   count_orders: int = 0           # count models it reads (CountFeatures; 0: none)
+  gate_orders: int = 0            # the first ones: n-gram orders, ascending (the mixer's gate)
 
   def setup(self):
     cfg = self.cfg
@@ -221,7 +222,8 @@ class MicroLM(nn.Module):
       # Read by streamlearn/learn/delta.py, not here: surprise ≈ hidden · W.
       self.surprise_w = self.param("surprise_w", nn.initializers.zeros_init(), (cfg.d_model,))
     if self.mixer_cfg is not None:
-      self.mixer = Mixer(self.mixer_cfg, self.count_orders, self.match_len > 0)
+      self.mixer = Mixer(self.mixer_cfg, self.count_orders, self.match_len > 0,
+                         self.gate_orders)
 
   def __call__(self, tokens_BxT, state: tuple[LayerState, ...], n_real_B=None,
                match: MatchFeatures | None = None, forecast: ForecastInput | None = None,
@@ -238,11 +240,12 @@ class MicroLM(nn.Module):
       x_BxTxD = x_BxTxD + jnp.sum(
           found_BxTxOx1 * self.match_token_embed(match.token_BxTxO)
           + self.match_length_embed(offset_1x1xO + match.length_BxTxO), axis=2)
-    return self.from_embeddings(x_BxTxD, state, n_real_B, match, with_hidden, counts)
+    return self.from_embeddings(x_BxTxD, state, n_real_B, match, with_hidden, counts,
+                                tokens_BxT)
 
   def from_embeddings(self, x_BxTxD, state: tuple[LayerState, ...], n_real_B=None,
                       match: MatchFeatures | None = None, with_hidden: bool = False,
-                      counts: CountFeatures | None = None):
+                      counts: CountFeatures | None = None, tokens_BxT: jax.Array | None = None):
     """The model after the embedding lookup (tests differentiate through inputs here).
 
     n_real_B: real tokens per row (the rest is end-of-stream padding, which
@@ -251,11 +254,14 @@ class MicroLM(nn.Module):
     with_hidden: also return the final normed hidden state [B, T, D] (what
     the EMA teacher's consistency loss compares).
     counts: the count models' counts for each position's target (with the mixer).
+    tokens_BxT: what each position read (the mixer's APM stage takes it as its context).
     """
     B, T = x_BxTxD.shape[:2]
     if n_real_B is None:
       n_real_B = jnp.full((B,), T, jnp.int32)
     new_state = []
+    # With an online mixer the state's last item is its online part (mixer.OnlineMix).
+    online = state[self.cfg.n_layers] if len(state) > self.cfg.n_layers else None
     for recurrent, mlp, layer_state in zip(self.recurrent, self.mlp, state):
       x_BxTxD, layer_state = recurrent(x_BxTxD, layer_state, n_real_B)
       x_BxTxD = mlp(x_BxTxD)
@@ -271,8 +277,12 @@ class MicroLM(nn.Module):
       logits_BxTxV = logits_BxTxV + jnp.einsum(
           "bto,btov->btv", trust_BxTxO,
           jax.nn.one_hot(match.token_BxTxO, self.vocab_size, dtype=logits_BxTxV.dtype))
-    if self.mixer_cfg is not None:
-      logits_BxTxV = self.mixer(logits_BxTxV, counts, match)
+    if online is not None:
+      logits_BxTxV, online = self.mixer(logits_BxTxV, counts, match, tokens_BxT, online,
+                                        n_real_B)
+      new_state.append(online)
+    elif self.mixer_cfg is not None:
+      logits_BxTxV = self.mixer(logits_BxTxV, counts, match, tokens_BxT)
     if with_hidden:
       return logits_BxTxV, tuple(new_state), x_BxTxD
     return logits_BxTxV, tuple(new_state)
@@ -290,18 +300,25 @@ class LM:
   surprise_head: bool = False
   mixer_cfg: MixerConfig | None = None  # the mixer makes the final logits
   count_orders: int = 0           # > 0: apply takes the count models' features (CountFeatures)
+  gate_orders: int = 0            # of which n-gram orders (the rest: word, column contexts)
 
   @property
   def module(self) -> MicroLM:
     return MicroLM(self.cfg, self.vocab_size, self.match_len, self.match_orders,
-                   self.forecast_channel, self.surprise_head, self.mixer_cfg, self.count_orders)
+                   self.forecast_channel, self.surprise_head, self.mixer_cfg, self.count_orders,
+                   self.gate_orders)
 
   def init_state(self, batch: int) -> tuple[LayerState, ...]:
     """The state before any token: zeros."""
     W, K = self.cfg.lru_width, self.cfg.conv_width
-    return tuple(LayerState(jnp.zeros((batch, W), jnp.float32),
-                            jnp.zeros((batch, K - 1, W), jnp.float32))
-                 for _ in range(self.cfg.n_layers))
+    layers = tuple(LayerState(jnp.zeros((batch, W), jnp.float32),
+                              jnp.zeros((batch, K - 1, W), jnp.float32))
+                   for _ in range(self.cfg.n_layers))
+    if self.mixer_cfg is None or not self.mixer_cfg.online_lr:
+      return layers
+    mixer = Mixer(self.mixer_cfg, self.count_orders, self.match_len > 0, self.gate_orders,
+                  parent=None)
+    return layers + (init_online(batch, mixer.n_sets, mixer.n_inputs, self.vocab_size),)
 
   def init(self, key: jax.Array) -> dict:
     """Fresh parameters."""
