@@ -68,7 +68,7 @@ def speed(args) -> int:
       step = build(config, tokenizer.vocab_size)[2]
     else:
       swarm = Swarm(config, tokenizer.vocab_size, tokenizer.bos_id)
-      step, state = swarm.fns.step, swarm.place(state)
+      step, state = swarm.step, swarm.place(state)
     n_bytes = sum(c.n_bytes for c in host_chunks) / len(host_chunks)
     runners[size] = [step, state, chunks, [], n_bytes]
 
@@ -106,10 +106,10 @@ def _learn_one(config, tokenizer, chunks) -> dict:
   replaced = 0
   start = time.perf_counter()
   for k, chunk in enumerate(chunks, 1):
-    state, metrics = swarm.fns.step(state, device_chunk(chunk))
+    state, metrics = swarm.step(state, device_chunk(chunk))
     m = jax.device_get(metrics)
     leader = swarm.observe(m, chunk.n_bytes)  # the member chosen before this chunk
-    bits += float(leader["bits"])
+    bits += float(leader["leader_bits"])
     bits_N += m["bits"]
     n_bytes += chunk.n_bytes
     if swarm.due(int(n_bytes)):

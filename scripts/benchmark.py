@@ -12,9 +12,14 @@ model still reads it), `vanilla` (score-first online learning, nothing else),
 `full-minus-X` for X in channel, ema, kl, gate, replay, lag (lag 2 -> 1),
 arrival (the delta update only, no plain update as each chunk is scored),
 `vanilla-twice` (the control for arrival: two plain updates per chunk), `mix`
-(vanilla with the count models and the mixer on) and `mix-minus-X` for X in
-counts (the mixer alone: network and match model), gate (one weight set) and
-learning (the mixer's weights fixed where they start).
+(vanilla with the count models and the mixer on, every part configs/default.toml
+turns on: what the default learner is) and `mix-minus-X` for X in counts (the
+mixer alone: network and match model), gate (one weight set), learning (the
+mixer's weights fixed where they start), token (no weight sets by the previous
+token), countmap (the fixed count formula), online (no per-token weights), apm
+(no APM stage) and schedule (the network-only learner's optimizer settings).
+`vanilla`, `full` and its variants have no count models and no mixer (the delta
+learner cannot take them).
 `--plot` draws running bits/byte against bytes for each (needs matplotlib:
 pip install -e '.[bench]'). `--forgetting A B` streams --forgetting-bytes of
 A then of B with vanilla and full and scores held-out A (the --canary-bytes
@@ -33,6 +38,11 @@ learner's running total there, a compressor's size on that prefix alone.
 Directory streams (stdlib) put a document token between files, which the
 learner must predict and pay for; the compressors get the plain concatenation.
 
+A config with `swarm.size` > 1 (e.g. `--set swarm.size=4`) runs the swarm as the
+run does (population-based training included): its row is the run's score (the
+members' mixture, with `swarm.mix`), and rows below it give the leader's score
+(each chunk by the member leading before it) and each slot's over the whole stream.
+
 bytes/s counts from the second chunk on (the first pays for compilation).
 """
 
@@ -48,19 +58,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from streamlearn.config import ConfigError, config_to_dict, load_config
 from streamlearn.data.sources import SourceError, open_source
 from streamlearn.data.stream import TokenStream
 from streamlearn.data.tokenizer import make_tokenizer, trained_on
 from streamlearn.learn.build import build
-from streamlearn.learn.prequential import learn_through, score_through
+from streamlearn.learn.prequential import PassResult, device_chunk, learn_through, score_through
 from streamlearn.learn.state import init_learner
 from streamlearn.learn.step import make_score
+from streamlearn.swarm.swarm import Swarm, initial_state
 
 _FULL_TOML = Path(__file__).resolve().parent.parent / "configs" / "full.toml"
 _PLAIN = ["delta.lag=0", "delta.consistency=0", "delta.kl=0", "delta.gate=false",
@@ -75,10 +88,18 @@ _TWICE = _PLAIN[1:] + ["delta.lag=1", "delta.arrival=true", "delta.forecast_chan
                        "delta.forecast_tokens=1"]
 
 
-# The count models and the mixer on (streamlearn/nn/counts.py, mixer.py), and each part off.
-_MIX = ["counts.enabled=true", "mixer.enabled=true"]
+# The count models and the mixer with every part configs/default.toml turns on
+# (streamlearn/nn/counts.py, mixer.py), and each part off; `vanilla` and `full` have neither.
+_MIX = ["counts.enabled=true", "mixer.enabled=true", "mixer.gate_token=true",
+        "mixer.count_map=true", "mixer.online_lr=0.003", "mixer.apm=true", "optim.b1=0.5",
+        "optim.b2=0.9999", "optim.learning_rate=4e-3"]
+_NO_MIX = ["counts.enabled=false", "mixer.enabled=false"]
 _MIX_MINUS = {"counts": ["counts.enabled=false"], "gate": ["mixer.gate=false"],
-              "learning": ["mixer.lr_mult=0"]}
+              "learning": ["mixer.lr_mult=0"], "token": ["mixer.gate_token=false"],
+              "countmap": ["mixer.count_map=false"], "online": ["mixer.online_lr=0"],
+              "apm": ["mixer.apm=false"],
+              # The learning schedule chosen with it, back to the network-only learner's.
+              "schedule": ["optim.b1=0.9", "optim.b2=0.99", "optim.learning_rate=2.5e-3"]}
 
 
 def full_overrides(full_toml: str | Path = _FULL_TOML) -> list[str]:
@@ -93,17 +114,17 @@ def ablation(name: str, full_toml: str | Path = _FULL_TOML) -> list[str] | None:
   if name == "static":
     return None
   if name == "vanilla":
-    return list(_PLAIN)
+    return _PLAIN + _NO_MIX
   if name == "full":
-    return full_overrides(full_toml)
+    return full_overrides(full_toml) + _NO_MIX
   if name == "vanilla-twice":
-    return list(_TWICE)
+    return _TWICE + _NO_MIX
   if name == "mix":
     return _PLAIN + _MIX
   if name.startswith("mix-minus-") and name[len("mix-minus-"):] in _MIX_MINUS:
     return _PLAIN + _MIX + _MIX_MINUS[name[len("mix-minus-"):]]
   if name.startswith("full-minus-") and name[len("full-minus-"):] in _MINUS:
-    return full_overrides(full_toml) + _MINUS[name[len("full-minus-"):]]
+    return full_overrides(full_toml) + _NO_MIX + _MINUS[name[len("full-minus-"):]]
   raise ConfigError(f"--configs: unknown entry {name!r} (known: static, vanilla, "
                     "vanilla-twice, full, " + ", ".join(f"full-minus-{x}" for x in _MINUS)
                     + ", mix, " + ", ".join(f"mix-minus-{x}" for x in _MIX_MINUS) + ")")
@@ -242,8 +263,11 @@ def run_config(config_path: str | None, overrides: list[str] | None, spec: str |
   # (or read), never scored.
   unscored = trained_on(config.tokenizer.kind, config.tokenizer.warmup_bytes)
   # A point every chunk, for the running values at the marks; the report keeps every curve_every-th.
+  swarm = None
   if overrides is None:
     result = score_through(make_score(predictor), state.params, state.carry, stream, 1, unscored)
+  elif config.swarm.size > 1:
+    result, swarm = swarm_through(config, tokenizer, stream, unscored)
   else:
     _, result = learn_through(step, state, stream, 1, unscored)
   return {"config": name or (Path(config_path).stem if config_path else "default"),
@@ -252,7 +276,52 @@ def run_config(config_path: str | None, overrides: list[str] | None, spec: str |
           "bytes": result.bytes, "tokens": result.tokens, "chunks": result.chunks,
           "unscored_bytes": result.vocab_bytes, "scope": result.scope(),
           "running": running_at(result.curve, marks(result.bytes)),
-          "curve": result.curve[curve_every - 1::curve_every] if curve_every else []}
+          "curve": result.curve[curve_every - 1::curve_every] if curve_every else [],
+          "swarm": swarm}
+
+
+def swarm_through(config, tokenizer, chunks, unscored: int = 0) -> tuple[PassResult, dict]:
+  """A swarm over the chunks as `python -m streamlearn.run` drives it (step k+1 dispatched
+  before step k is booked; replacement events after the chunk that crosses their interval):
+  the run's PassResult, and the leader's, the mixture's and each slot's bits/byte."""
+  swarm = Swarm(config, tokenizer.vocab_size, tokenizer.bos_id)
+  state = swarm.place(initial_state(config, tokenizer.vocab_size, tokenizer.bos_id))
+  result, slot_bits_N, replaced = PassResult(curve_every=1), np.zeros(config.swarm.size), 0
+
+  def book(metrics, chunk):
+    m = jax.device_get(metrics)
+    slot_bits_N[:] += np.where(np.isfinite(m["bits"]), m["bits"], 0.0)
+    run = swarm.observe(m, chunk.n_bytes, chunk.n_tokens, unscored)
+    if result.chunks:  # the first chunk paid for compilation: keep it out of the rate
+      result.steady_bytes += chunk.n_bytes
+    result.add(chunk.n_bytes, chunk.n_tokens, float(run["bits"]), bool(run["skipped"]), unscored)
+    result.curve.append((result.bytes, result.bits_per_byte))
+
+  start, first_done, in_flight = time.perf_counter(), None, None
+  for chunk in chunks:
+    state, metrics = swarm.step(state, device_chunk(chunk))
+    if in_flight is not None:
+      book(*in_flight)
+    in_flight = (metrics, chunk)
+    if first_done is None:
+      jax.block_until_ready(metrics)
+      first_done = time.perf_counter()
+    if swarm.due(result.bytes + chunk.n_bytes):
+      book(*in_flight)
+      in_flight = None
+      state, plan = swarm.evolve(state, result.bytes, result.chunks)
+      replaced += int(plan.copied_N.sum() + plan.fresh_N.sum())
+  if in_flight is not None:
+    book(*in_flight)
+  end = time.perf_counter()
+  result.seconds, result.steady_seconds = end - start, end - (first_done or end)
+  scored = max(result.bytes - result.vocab_bytes - result.skipped_bytes, 1)
+  return result, {"size": config.swarm.size, "mix": config.swarm.mix,
+                  "mix_eta": config.swarm.mix_eta, "mix_share": config.swarm.mix_share,
+                  "mixture": swarm.scores["mixture"].bits_per_byte,
+                  "leader": swarm.scores["leader"].bits_per_byte,
+                  "slots": (slot_bits_N / scored).tolist(), "replaced": replaced,
+                  "members": swarm.population.next_id}
 
 
 def forgetting(config_path: str | None, base_overrides: list[str], a_spec: str, b_spec: str,
@@ -354,6 +423,10 @@ def markdown(report: dict) -> str:
     lines.append(f"| {report['data']} | {report['bytes']:,} | streamlearn {label} |"
                  f"{_running_cells(run.get('running', {}), at)} "
                  f"{run['bpb']:.3f} | {rel} | {run['bytes_per_s']:,.0f} | {speed} |")
+    for what, bpb in _swarm_rows(run.get("swarm")):
+      rel = f"{100 * (bpb / vanilla['bpb'] - 1):+.1f}%" if vanilla is not None else ""
+      lines.append(f"| {report['data']} | {report['bytes']:,} | streamlearn {label}: {what} |"
+                   f"{' |' * len(at)} {bpb:.3f} | {rel} | | |")
   details = report.get("classical_details", {})
   for name, bpb in report["classical"].items():
     detail = details.get(name, {"label": name, "running": {}})
@@ -368,6 +441,17 @@ def markdown(report: dict) -> str:
                    f"{row['canary_before']:.3f} | {row['canary_after']:.3f} | "
                    f"{row['rise_pct']:+.1f}% |")
   return "\n".join(lines)
+
+
+def _swarm_rows(swarm: dict | None) -> list[tuple[str, float]]:
+  """A swarm run's rows beside its own: the score it does not go by, and each slot's."""
+  if not swarm:
+    return []
+  other = "leader" if swarm["mix"] else "mixture"
+  rows = [(f"the {other} (each chunk by the member leading before it)" if other == "leader"
+           else "the members' mixture", swarm[other])]
+  return rows + [(f"slot {i} (its members in turn; after the fact)", bpb)
+                 for i, bpb in enumerate(swarm["slots"])]
 
 
 def _floats(text: str) -> tuple[float, ...]:

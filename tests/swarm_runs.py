@@ -49,7 +49,7 @@ def trajectory(n_chunks: int, data_seed: int = 7):
   rng = np.random.default_rng(data_seed)
   bits, plans, total = [], [], 0
   for k in range(n_chunks):
-    state, metrics = swarm.fns.step(state, random_chunk(rng))
+    state, metrics = swarm.step(state, random_chunk(rng))
     m = jax.device_get(metrics)
     swarm.observe(m, 64.0)
     bits.append(m["bits"])

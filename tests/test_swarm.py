@@ -30,9 +30,10 @@ from streamlearn.run.session import Session, open_session
 from streamlearn.run.tags import NoWriter
 from streamlearn.store.checkpoint import Checkpointer, Restored, VersionError, abstract_like
 from streamlearn.swarm.pbt import Population
+from streamlearn.swarm.mix import mix_chunk, uniform_logw
 from streamlearn.swarm.swarm import Swarm, initial_state, member_state
 from swarm_runs import BOS, ROOT, TINY, VOCAB, random_chunk, swarm_config, trajectory
-from safety_runs import assert_same_state, stdlib_text
+from safety_runs import assert_same_state, load_script, stdlib_text
 
 # One worker runs them all: the swarm functions compile once.
 pytestmark = [pytest.mark.filterwarnings("ignore:Some donated buffers were not usable"),
@@ -93,14 +94,23 @@ def test_member_zero_is_the_plain_learner_and_the_vmapped_step_is_n_steps(rng):
                                                 bos_id=BOS)))
   assert len(set(np.asarray(swarm.hp["lr"]).tolist())) == 4  # each member its own lr
   singles = [member_state(swarm, i) for i in range(4)]
-  fns = Swarm(config, VOCAB, BOS).fns
+  mixed = Swarm(config, VOCAB, BOS)
+  logw_N = uniform_logw(4)
   for _ in range(3):
     chunk = random_chunk(rng)
-    swarm, metrics = fns.step(swarm, chunk)
+    swarm, metrics = mixed.step(swarm, chunk)
+    nll_NxT = []
     for i in range(4):
       singles[i], single_metrics = step(singles[i], chunk)
       for key in ("bits", "grad_norm", "learning_rate"):
         np.testing.assert_allclose(metrics[key][i], single_metrics[key], rtol=2e-5)
+      nll_NxT.append(single_metrics["token_nll"][0])
+    # The step's mixture is mix_chunk's over the members' own per-token losses.
+    cfg = config.swarm
+    logw_N, mix_nll_T = mix_chunk(logw_N, jnp.stack(nll_NxT), chunk.mask_BxT[0], cfg.mix_eta,
+                                  cfg.mix_share)
+    np.testing.assert_allclose(metrics["mix_bits"], np.sum(mix_nll_T) / np.log(2), rtol=2e-5)
+    np.testing.assert_allclose(metrics["mix_logw_N"], logw_N, rtol=1e-4, atol=1e-5)
   for i in range(4):
     close(member_state(swarm, i), singles[i], rtol=2e-4, atol=2e-6)
 
@@ -111,7 +121,8 @@ def test_replacement_copies_exactly_and_perturbs_by_the_factors(rng):
   config = swarm_config("swarm.fresh_prob=0.3", "swarm.resample_prob=0")
   swarm = Swarm(config, VOCAB, BOS)
   state = initial_state(config, VOCAB, BOS)
-  state, _ = swarm.fns.step(state, random_chunk(rng))
+  state, metrics = swarm.step(state, random_chunk(rng))
+  swarm.observe(jax.device_get(metrics), 64.0, 64)
   pop = swarm.population
   seen, factors = {"copy": 0, "fresh": 0}, set()
   for event in range(1, 7):
@@ -122,6 +133,7 @@ def test_replacement_copies_exactly_and_perturbs_by_the_factors(rng):
     before = jax.device_get(state)
     old_hp = pop.hp_N()
     old_slots = list(pop.slots)
+    old_logw = swarm.logw_N.copy()
     state, plan = swarm.evolve(state, 128 * event, 10 * event)
     after = jax.device_get(state)
     worst, best = int(np.argmax(order_N)), int(np.argmin(order_N))
@@ -130,6 +142,7 @@ def test_replacement_copies_exactly_and_perturbs_by_the_factors(rng):
       got = member_state(after, slot)
       if pop.slots[slot] == old_slots[slot]:  # kept: untouched
         assert_same_state(got, member_state(before, slot))
+        assert swarm.logw_N[slot] == old_logw[slot]
         continue
       entry = pop.members[pop.slots[slot]]
       seen[entry["kind"]] += 1
@@ -137,6 +150,7 @@ def test_replacement_copies_exactly_and_perturbs_by_the_factors(rng):
       if entry["kind"] == "copy":
         src = int(plan.src_N[slot])
         assert src == best and entry["parent"] == old_slots[src]
+        assert swarm.logw_N[slot] == old_logw[src]  # its mixture weight: its source's
         assert_same_state(got.replace(rng=None, hp=None),
                           member_state(before, src).replace(rng=None, hp=None))
         ratio = entry["hp"]["lr"] / pop.members[entry["parent"]]["hp"]["lr"]
@@ -148,6 +162,7 @@ def test_replacement_copies_exactly_and_perturbs_by_the_factors(rng):
         # (fns.init is init_learner itself, jitted: the first test holds it to that)
         new = swarm.fns.init(np.int32(entry["seed"]))
         assert_same_state(got.replace(hp=None), jax.device_get(new).replace(hp=None))
+        assert swarm.logw_N[slot] == swarm.logw_N.min()  # enters the mixture at the bottom
       assert got.hp["lr"] == np.float32(entry["hp"]["lr"])
   assert seen["copy"] and seen["fresh"] and factors == {0.8, 1.2}  # (PBT's draws are seeded)
 
@@ -256,6 +271,20 @@ def test_replacements_never_recompile(one_device):
   assert len(plans) == 8 and len(replaced) >= 2
   assert any(p.fresh_N.any() for p in plans) and any(p.copied_N.any() for p in plans)
   assert compiles == []
+
+
+def test_the_benchmark_scores_a_swarm_by_its_mixture_with_the_leader_beside(tmp_path):
+  # The run loop's order (step k+1 dispatched before step k is booked, events after the
+  # chunk that crosses their interval), on the compiled steps the tests above built.
+  benchmark = load_script("benchmark")
+  config = swarm_config()
+  chunks = chunk_bytes(stdlib_text(1280), ByteTokenizer(), config.data.chunk_tokens)
+  result, swarm = benchmark.swarm_through(config, ByteTokenizer(), chunks)
+  assert result.bytes == 1280 and swarm["replaced"] > 0 and len(swarm["slots"]) == 4
+  assert result.bits_per_byte == swarm["mixture"] != swarm["leader"]
+  rows = benchmark._swarm_rows(swarm)
+  assert rows[0] == ("the leader (each chunk by the member leading before it)", swarm["leader"])
+  assert len(rows) == 5
 
 
 CLI_SWARM = ["--config", TINY, "--set", "swarm.size=4", "--set", "swarm.interval_bytes=640",
@@ -367,12 +396,15 @@ def test_cli_swarm_replaces_resumes_and_serves_its_leader(tmp_path, two_processe
   config = swarm_config()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           initial_state(config, VOCAB, BOS))
-  states = []
+  states, mixes = [], []
   for run_dir in (straight, split):
     checkpointer = Checkpointer(run_dir, config.checkpoint)
     states.append(checkpointer.restore(None, abstract)[0])
+    mixes.append(checkpointer.read_record(checkpointer.latest_step())[0]["swarm"]["mix"])
     checkpointer.close()
   assert_same_state(*states)
+  # The mixture's weights and its and the leader's running scores: resumed exactly too.
+  assert mixes[0] == mixes[1] and mixes[0]["scores"]["mixture"]["bits"] > 0
   tb = b"".join(p.read_bytes() for p in (straight / "tb").glob("events.out.tfevents.*"))
   assert b"swarm/leader" in tb and f"swarm/member_{members['leader']}/".encode() in tb
   # The API, evaluate and export take the leader by default, any living member by id.

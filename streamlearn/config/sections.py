@@ -174,6 +174,10 @@ class SwarmConfig:
   init_spread: float = 2.0    # initial range: centre value x [1/spread, spread], log-uniform
   fresh_prob: float = 0.1     # a replacement is a new member from the start (new seed), not a copy
   grace_bytes: int = 262_144  # members younger than this are never replaced
+  mix: bool = True            # the run predicts with the members' mixture (false: the leader's)
+  # (eta and share tuned on Austen and stdlib bytes 2.0-2.3 M, not reported: a flat optimum)
+  mix_eta: float = 0.1        # a member's loss on a token (nats) x this comes off its log-weight
+  mix_share: float = 0.01     # ...and this fraction of all weight is spread evenly, per token
 
 
 @dataclasses.dataclass(frozen=True)

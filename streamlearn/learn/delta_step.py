@@ -50,6 +50,7 @@ class Scored(NamedTuple):
   """Phase 2: the chunk's prequential score by the parameters before any update."""
 
   nll_sum: jax.Array        # nats over the real tokens
+  nll_BxT: jax.Array        # each token's (0 on padding): a swarm mixes its members' by token
   rec_after: Any            # the student's recurrent state after the chunk
   grads: Any                # on arrival: the plain learner's gradient; else None
   ok: jax.Array             # bool: score (and gradient) finite
@@ -78,14 +79,14 @@ def score(predictor: Predictor, params, rec_state, seen: Seen, chunk: Chunk,
 
   def loss_fn(params):
     logits, rec_after = predictor.logits(params, rec_state, seen.read, forecast)
-    nll_sum = jnp.sum(token_nll(logits, chunk.tokens_BxT) * chunk.mask_BxT)
-    return nll_sum / seen.n_tokens, (nll_sum, rec_after)
+    nll_BxT = token_nll(logits, chunk.tokens_BxT) * chunk.mask_BxT
+    return jnp.sum(nll_BxT) / seen.n_tokens, (jnp.sum(nll_BxT), nll_BxT, rec_after)
 
   if not with_grads:
-    _, (nll_sum, rec_after) = loss_fn(params)
-    return Scored(nll_sum, rec_after, None, jnp.isfinite(nll_sum))
-  (_, (nll_sum, rec_after)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  return Scored(nll_sum, rec_after, grads,
+    _, (nll_sum, nll_BxT, rec_after) = loss_fn(params)
+    return Scored(nll_sum, nll_BxT, rec_after, None, jnp.isfinite(nll_sum))
+  (_, (nll_sum, nll_BxT, rec_after)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return Scored(nll_sum, nll_BxT, rec_after, grads,
                 jnp.isfinite(nll_sum) & jnp.isfinite(optax.tree.norm(grads)))
 
 
@@ -140,7 +141,8 @@ def fresh_loss(spec: DeltaSpec, lm: LM, params, entry: dl.Observed, keep_BxK, hp
   logits_BxTxV, rec_after, hidden_BxTxD = lm.apply_with_hidden(
       params, shift_in(entry.last_token_B, entry.tokens_BxT), entry.rec_state,
       n_real(entry.mask_BxT), entry.match, forecast)
-  nll_sum = jnp.sum(token_nll(logits_BxTxV, entry.tokens_BxT) * entry.mask_BxT)
+  nll_BxT = token_nll(logits_BxTxV, entry.tokens_BxT) * entry.mask_BxT
+  nll_sum = jnp.sum(nll_BxT)
   terms = {"ce": nll_sum / jnp.maximum(jnp.sum(entry.mask_BxT), 1.0)}
   total = terms["ce"]
   if spec.teacher:
@@ -160,7 +162,7 @@ def fresh_loss(spec: DeltaSpec, lm: LM, params, entry: dl.Observed, keep_BxK, hp
     terms["residual"] = dl.masked_mean(
         jnp.square(jax.lax.stop_gradient(surprise_BxK) - predicted_BxK), mask_BxK)
     total = total + spec.delta.residual * terms["residual"]
-  return total, (terms, nll_sum, rec_after)
+  return total, (terms, nll_sum, rec_after, nll_BxT)
 
 
 def replay_loss(spec: DeltaSpec, lm: LM, params, buffer: replay_lib.ReplayBuffer, key):
@@ -262,11 +264,11 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
     if spec.channel:  # reality injection: the forecast is hidden on some tokens
       keep_BxK = jax.random.bernoulli(k_drop, 1.0 - spec.delta.reality_drop,
                                       entry.forecast.token_BxK.shape).astype(jnp.float32)
-    (total, ((terms, learn_nll, learn_rec), replay_aux)), grads = jax.value_and_grad(
-        delta_loss, argnums=2, has_aux=True)(spec, lm, params, entry, keep_BxK, gate_value, hp,
-                                             d.replay, k_replay)
+    (total, ((terms, learn_nll, learn_rec, learn_nll_BxT), replay_aux)), grads = \
+        jax.value_and_grad(delta_loss, argnums=2, has_aux=True)(
+            spec, lm, params, entry, keep_BxK, gate_value, hp, d.replay, k_replay)
     if scored is None:
-      scored = Scored(learn_nll, learn_rec, None, jnp.isfinite(learn_nll))
+      scored = Scored(learn_nll, learn_nll_BxT, learn_rec, None, jnp.isfinite(learn_nll))
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & scored.ok               # 5. commit
     skipped = state.replace(carry=state.carry.replace(match=seen.read.match))
@@ -279,6 +281,7 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
     if spec.replaying:
       metrics["replay_bits"] = jnp.mean(replay_aux[1])
     metrics.update(grad_norm=grad_norm, skipped=1.0 - ok.astype(jnp.float32),
+                   token_nll=scored.nll_BxT,  # each token's: a swarm mixes them (swarm/mix.py)
                    learned=(valid & ok).astype(jnp.float32), learned_tick=entry.tick,
                    learning_rate=step_learning_rate(optim_cfg, state))
     return new, metrics

@@ -40,10 +40,16 @@ def token_nll(logits_BxTxV, tokens_BxT) -> jax.Array:
       logits_BxTxV.astype(jnp.float32), tokens_BxT)
 
 
+def chunk_token_nll(predictor: Predictor, params, carry: Carry, chunk: Chunk):
+  """Each token's next-token NLL (nats; 0 on padding) [B, T], and the carry after the chunk."""
+  logits_BxTxV, carry = predictor.advance(params, carry, chunk.tokens_BxT, n_real(chunk.mask_BxT))
+  return token_nll(logits_BxTxV, chunk.tokens_BxT) * chunk.mask_BxT, carry
+
+
 def chunk_nll(predictor: Predictor, params, carry: Carry, chunk: Chunk):
   """Summed next-token NLL (nats) of the chunk's real tokens, and the carry after it."""
-  logits_BxTxV, carry = predictor.advance(params, carry, chunk.tokens_BxT, n_real(chunk.mask_BxT))
-  return jnp.sum(token_nll(logits_BxTxV, chunk.tokens_BxT) * chunk.mask_BxT), carry
+  nll_BxT, carry = chunk_token_nll(predictor, params, carry, chunk)
+  return jnp.sum(nll_BxT), carry
 
 
 def apply_update(optimizer: optax.GradientTransformation, state: LearnerState, grads,
@@ -105,12 +111,14 @@ def make_plain_step(predictor: Predictor, optimizer: optax.GradientTransformatio
 
   def step(state: LearnerState, chunk: Chunk) -> tuple[LearnerState, dict]:
     def loss_fn(params):
-      nll_sum, carry = chunk_nll(predictor, params, state.carry, chunk)
-      return nll_sum / jnp.maximum(jnp.sum(chunk.mask_BxT), 1.0), (nll_sum, carry)
+      nll_BxT, carry = chunk_token_nll(predictor, params, state.carry, chunk)
+      nll_sum = jnp.sum(nll_BxT)
+      return nll_sum / jnp.maximum(jnp.sum(chunk.mask_BxT), 1.0), (nll_sum, nll_BxT, carry)
 
     # Score first: the loss below is computed with the parameters as they were
     # before this chunk; the update that follows is the first to see it.
-    (_, (nll_sum, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (nll_sum, nll_BxT, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     grad_norm = optax.tree.norm(grads)
 
     def learn() -> LearnerState:
@@ -118,7 +126,9 @@ def make_plain_step(predictor: Predictor, optimizer: optax.GradientTransformatio
       return state.replace(params=params, opt_state=opt_state, step=state.step + 1)
 
     metrics = score_metrics(nll_sum, chunk)
-    metrics.update(grad_norm=grad_norm, learning_rate=step_learning_rate(optim_cfg, state))
+    # Each token's NLL too: a swarm mixes its members' predictions token by token (swarm/mix.py).
+    metrics.update(grad_norm=grad_norm, learning_rate=step_learning_rate(optim_cfg, state),
+                   token_nll=nll_BxT)
     ok = jnp.isfinite(nll_sum) & jnp.isfinite(grad_norm)
     new_state, metrics["skipped"] = learn_if_finite(ok, learn, state,
                                                     jax.lax.stop_gradient(carry))

@@ -263,8 +263,8 @@ def book(session: Session, progress: Progress, report: Report, metrics,
          chunk: HostChunk) -> Alarm | None:
   """Books one scored chunk into the run's totals and logs; returns the alarm it raises."""
   m = jax.device_get(metrics)
-  if session.swarm is not None:  # every member booked; the run goes by the leader's numbers
-    m = session.swarm.observe(m, chunk.n_bytes)
+  if session.swarm is not None:  # every member booked; the run's score: the mixture's or leader's
+    m = session.swarm.observe(m, chunk.n_bytes, chunk.n_tokens, session.unscored_until)
   totals, skipped = progress.totals, bool(m["skipped"])
   totals.add(chunk.n_bytes, chunk.n_tokens, float(m["bits"]), skipped, session.unscored_until)
   if skipped:
@@ -276,7 +276,7 @@ def book(session: Session, progress: Progress, report: Report, metrics,
     write_chunk(report.writer, step, m, totals.bits_per_byte, report.rate(progress),
                 totals.tokens / max(totals.bytes, 1), skipped, progress.guard.score())
     if session.swarm is not None:
-      session.swarm.log(report.writer, step)
+      session.swarm.log(report.writer, step, m)
   if session.canaries.due(step):
     score_canaries(session, progress, report.writer, step)
   report.status.update(report.text(progress))
@@ -319,7 +319,8 @@ def summary(session: Session, progress: Progress, report: Report, interrupted: b
   unsaved = (f" (the last {session.failed_in_a_row} save(s) failed: --resume goes on from "
              f"version {session.newest_saved})" if session.failed_in_a_row else "")
   return (f"{'interrupted' if interrupted else 'done'}: {totals.bytes:,} bytes, "
-          f"{totals.bits_per_byte:.4f} bits/byte prequential{totals.scope()}, version "
+          f"{totals.bits_per_byte:.4f} bits/byte prequential{totals.scope()}"
+          f"{session.swarm.describe() if session.swarm is not None else ''}, version "
           f"{session.newest_saved} in {session.run_dir}" + safety_text(progress, report.data_shifts)
           + unsaved
           + (f" (files skipped: {skipped})" if skipped else ""))

@@ -76,7 +76,7 @@ def rollback(session: Session, progress: Progress, alarm: Alarm, writer) -> Outc
   state = got.state.replace(lr_scale=jnp.full(np.shape(got.state.lr_scale), lr_scale,
                                               jnp.float32))
   if session.swarm is not None:  # the whole swarm goes back; member ids are never reused
-    session.swarm.rolled_back_to(got.record["swarm"])
+    session.swarm.rolled_back_to(got.record["swarm"], restream)
   state, anchor = retuned(session.config, state, got.record, session.first_anchor,
                           session.swarm.population if session.swarm is not None else None)
   restored = dataclasses.replace(
