@@ -16,8 +16,7 @@ arrival (the delta update only, no plain update as each chunk is scored),
 turns on: what the default learner is) and `mix-minus-X` for X in counts (the
 mixer alone: network and match model), gate (one weight set), learning (the
 mixer's weights fixed where they start), token (no weight sets by the previous
-token), countmap (the fixed count formula), online (no per-token weights), apm
-(no APM stage) and schedule (the network-only learner's optimizer settings).
+token), countmap (the fixed count formula) and online (no per-token weights).
 `vanilla`, `full` and its variants have no count models and no mixer (the delta
 learner cannot take them).
 `--plot` draws running bits/byte against bytes for each (needs matplotlib:
@@ -91,15 +90,11 @@ _TWICE = _PLAIN[1:] + ["delta.lag=1", "delta.arrival=true", "delta.forecast_chan
 # The count models and the mixer with every part configs/default.toml turns on
 # (streamlearn/nn/counts.py, mixer.py), and each part off; `vanilla` and `full` have neither.
 _MIX = ["counts.enabled=true", "mixer.enabled=true", "mixer.gate_token=true",
-        "mixer.count_map=true", "mixer.online_lr=0.003", "mixer.apm=true", "optim.b1=0.5",
-        "optim.b2=0.9999", "optim.learning_rate=4e-3"]
+        "mixer.count_map=true", "mixer.online_lr=0.002"]
 _NO_MIX = ["counts.enabled=false", "mixer.enabled=false"]
 _MIX_MINUS = {"counts": ["counts.enabled=false"], "gate": ["mixer.gate=false"],
               "learning": ["mixer.lr_mult=0"], "token": ["mixer.gate_token=false"],
-              "countmap": ["mixer.count_map=false"], "online": ["mixer.online_lr=0"],
-              "apm": ["mixer.apm=false"],
-              # The learning schedule chosen with it, back to the network-only learner's.
-              "schedule": ["optim.b1=0.9", "optim.b2=0.99", "optim.learning_rate=2.5e-3"]}
+              "countmap": ["mixer.count_map=false"], "online": ["mixer.online_lr=0"]}
 
 
 def full_overrides(full_toml: str | Path = _FULL_TOML) -> list[str]:

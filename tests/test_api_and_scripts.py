@@ -159,9 +159,10 @@ def test_benchmark_ablations_each_turn_exactly_one_part_off():
     assert len(changed) == 1, (part, changed)
   assert flat("vanilla")[("delta", "lag")] == 0 and benchmark.ablation("static") is None
   mix = flat("mix")
-  assert mix[("counts", "enabled")] and mix[("mixer", "enabled")]
-  for part in benchmark._MIX_MINUS:
+  assert mix[("counts", "enabled")] and mix[("mixer", "enabled")] and mix[("mixer", "online_lr")]
+  assert not flat("vanilla")[("mixer", "enabled")] and not full[("mixer", "enabled")]
+  for part, overrides in benchmark._MIX_MINUS.items():
     changed = {key for key, value in flat(f"mix-minus-{part}").items() if mix[key] != value}
-    assert len(changed) == 1, (part, changed)
+    assert changed == {tuple(o.split("=")[0].split(".")) for o in overrides}, (part, changed)
   with pytest.raises(ConfigError, match="full-minus-arrival"):
     benchmark.ablation("full-minus-everything")

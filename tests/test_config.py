@@ -68,7 +68,7 @@ def test_ints_are_accepted_for_floats():
     (["match.orders=[4, 4]"], r"^match\.orders: must be a non-empty list of distinct positive"),
     (["match.history_log2=9"], r"^match\.history_log2: 2\^9 tokens of history is too short "
                                r"for data\.chunk_tokens = 256"),
-    (["counts.enabled=true"], r"^counts\.enabled: the counts reach the prediction through the "
+    (["mixer.enabled=false"], r"^counts\.enabled: the counts reach the prediction through the "
                               r"mixer \(set mixer\.enabled = true\)$"),
     (["counts.orders=[2, 1]"], r"^counts\.orders: must be a non-empty, ascending list"),
     (["counts.limit=20000"], r"^counts\.limit: must be in \[1, 16383\]"),

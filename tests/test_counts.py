@@ -211,29 +211,31 @@ def test_the_count_map_reads_its_table_by_bucketed_counts(rng):
 
 
 def test_the_online_mixer_steps_each_weight_set_after_its_token(rng):
-  B, T, J, G, lr = 2, 9, 3, 4, 0.05
+  B, T, J, R, lr = 2, 9, 3, 6, 0.05
   base = rng.normal(size=(B, T, J)).astype(np.float32)
   x = np.log(rng.dirichlet(np.ones(V), size=(B, T, J))).astype(np.float32)
-  g = rng.integers(0, G, (B, T)).astype(np.int32)
+  rows = np.stack([rng.integers(0, 3, (B, T)), rng.integers(3, R, (B, T))], -1).astype(np.int32)
   read = rng.integers(0, V, (B, T)).astype(np.int32)
   n_real = np.asarray([T, 6], np.int32)
-  start = init_online(B, G, J, V)
+  start = init_online(B, R, 2, J, V)
   # Row 1 has a position pending from before: the chunk's first token is its target.
   start = start._replace(inputs_BxJxV=start.inputs_BxJxV.at[1].set(x[1, 0]),
                          probs_BxV=start.probs_BxV.at[1].set(jax.nn.softmax(base[1, 0] @ x[1, 0])),
-                         gate_B=start.gate_B.at[1].set(2), pending_B=start.pending_B.at[1].set(True))
-  used, after = jax.jit(online_weights, static_argnums=0)(lr, start, base, x, g, read, n_real)
+                         rows_BxS=start.rows_BxS.at[1].set(jnp.asarray([2, 4])),
+                         pending_B=start.pending_B.at[1].set(True))
+  used, after = jax.jit(online_weights, static_argnums=0)(lr, start, base, x, rows, read, n_real)
   for b in range(B):  # one position at a time
-    delta = np.zeros((G, J))
-    prev = (np.asarray(start.inputs_BxJxV[b]), np.asarray(start.probs_BxV[b]), 2) if b else None
+    delta = np.zeros((R, J))
+    prev = (np.asarray(start.inputs_BxJxV[b]), np.asarray(start.probs_BxV[b]), [2, 4]) if b else None
     for t in range(n_real[b]):
       if prev is not None:
-        x_prev, p_prev, g_prev = prev
-        delta[g_prev] += lr * (x_prev[:, read[b, t]] - x_prev @ p_prev)
-      np.testing.assert_allclose(used[b, t], delta[g[b, t]], atol=1e-4)
-      z = (base[b, t] + delta[g[b, t]]) @ x[b, t]
-      prev = (x[b, t], np.exp(z - z.max()) / np.exp(z - z.max()).sum(), g[b, t])
-    np.testing.assert_allclose(after.delta_BxGxJ[b], delta, atol=1e-4)
+        x_prev, p_prev, rows_prev = prev
+        delta[rows_prev] += lr * (x_prev[:, read[b, t]] - x_prev @ p_prev)
+      np.testing.assert_allclose(used[b, t], delta[rows[b, t]].sum(0), atol=1e-4)
+      z = (base[b, t] + delta[rows[b, t]].sum(0)) @ x[b, t]
+      prev = (x[b, t], np.exp(z - z.max()) / np.exp(z - z.max()).sum(), rows[b, t])
+    np.testing.assert_allclose(after.delta_BxRxJ[b], delta, atol=1e-4)
     np.testing.assert_allclose(after.inputs_BxJxV[b], prev[0])
-    assert int(after.gate_B[b]) == prev[2] and bool(after.pending_B[b])
-  assert np.abs(after.delta_BxGxJ).max() > 0.01
+    np.testing.assert_array_equal(after.rows_BxS[b], prev[2])
+    assert bool(after.pending_B[b])
+  assert np.abs(after.delta_BxRxJ).max() > 0.01

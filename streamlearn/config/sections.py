@@ -45,7 +45,7 @@ class MatchConfig:
 @dataclasses.dataclass(frozen=True)
 class CountsConfig:
   """Hashed next-token counts per context order (streamlearn/nn/counts.py); read by the mixer."""
-  enabled: bool = False       # needs mixer.enabled: the counts reach the prediction through it
+  enabled: bool = True        # needs mixer.enabled: the counts reach the prediction through it
   orders: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # context lengths counted (ascending), a table each
   dense_below: int = 3        # orders below this count every token (a vocabulary-wide row each)
   dense_log2: int = 12        # slots per dense table: 2^12 contexts
@@ -59,15 +59,15 @@ class CountsConfig:
 @dataclasses.dataclass(frozen=True)
 class MixerConfig:
   """The final prediction as a learned mix in logit space (streamlearn/nn/mixer.py)."""
-  enabled: bool = False       # mixes the network's, each count order's and the match model's
+  enabled: bool = True        # mixes the network's, each count order's and the match model's
   lr_mult: float = 5.0        # its weights learn this much faster than the network (0: fixed)
   gate: bool = True           # a weight set per small context (count confidence, match length)
   count_weight: float = 0.3   # each count order's starting weight (the network's is 1)
   prior: float = 0.05         # pseudo-count of every token in a count prediction (learned on)
-  gate_token: bool = False    # plus a weight set per previous token (added to the gate's)
+  gate_token: bool = True     # plus a weight set per previous token (added to the gate's)
   apm: bool = False           # an APM stage after the mix: corrections by stretch(p) per context
-  online_lr: float = 0.0      # > 0: the weights also move after every token, by this step size
-  count_map: bool = False     # counts -> log-probability by a learned table per order (by the
+  online_lr: float = 0.002    # > 0: the weights also move after every token, by this step size
+  count_map: bool = True      # counts -> log-probability by a learned table per order (by the
                               # context's total and the token's count), not the fixed formula
 
 

@@ -222,8 +222,10 @@ def make_predictor(config: Config, vocab_size: int) -> Predictor:
   spec = delta_spec(config.delta, config.replay, config.data.chunk_tokens)
   if spec is not None and mixer_cfg is not None:
     # Its ring, replay and forecasts keep the match features only, not the counts.
-    raise ConfigError("mixer.enabled: not built for the delta learner yet (set delta.lag = 0, "
-                      "replay.capacity = 0 and the delta losses to 0)")
+    raise ConfigError("mixer.enabled: not built for the delta learner yet (set "
+                      "counts.enabled = false and mixer.enabled = false, as configs/full.toml "
+                      "does, or turn the delta learner off: delta.lag = 0, replay.capacity = 0 "
+                      "and the delta losses 0)")
   lm = LM(config.model, vocab_size, match_len=match_cfg.max_len if match_cfg else 0,
           match_orders=len(match_cfg.orders) if match_cfg else 0,
           forecast_channel=bool(spec and spec.channel),

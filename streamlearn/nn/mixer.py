@@ -131,55 +131,57 @@ class OnlineMix(NamedTuple):
 
   Corrections to the weight sets that move after every token, as paq's mixer
   does, not once a chunk: the mix adapts within a chunk, and from the first
-  tokens of a stream on. A position's own token is only known when the next
-  position reads it, so the last position's inputs and mix wait here, pending,
-  until the next chunk's first token (the same token) arrives.
+  tokens of a stream on. Each position reads S rows of a table of corrections
+  and adds them up: its gate set's, and with `mixer.gate_token` its previous
+  token's. A position's own token is only known when the next position reads
+  it, so the last position's inputs and mix wait here, pending, until the next
+  chunk's first token (the same token) arrives.
   """
 
-  delta_BxGxJ: jax.Array   # float32: added to the learned weights
+  delta_BxRxJ: jax.Array   # float32: corrections, a row per weight set (R = G, or G + V)
   inputs_BxJxV: jax.Array  # the pending position's inputs
   probs_BxV: jax.Array     # its mixed distribution
-  gate_B: jax.Array        # int32: its weight set
+  rows_BxS: jax.Array      # int32: the rows it read
   pending_B: jax.Array     # bool: whether a position is waiting for its token
 
 
-def init_online(batch: int, sets: int, inputs: int, vocab: int) -> OnlineMix:
-  return OnlineMix(jnp.zeros((batch, sets, inputs), jnp.float32),
+def init_online(batch: int, rows: int, reads: int, inputs: int, vocab: int) -> OnlineMix:
+  return OnlineMix(jnp.zeros((batch, rows, inputs), jnp.float32),
                    jnp.zeros((batch, inputs, vocab), jnp.float32),
-                   jnp.zeros((batch, vocab), jnp.float32), jnp.zeros((batch,), jnp.int32),
+                   jnp.zeros((batch, vocab), jnp.float32), jnp.zeros((batch, reads), jnp.int32),
                    jnp.zeros((batch,), bool))
 
 
-def online_weights(lr: float, online: OnlineMix, base_BxTxJ, x_BxTxJxV, g_BxT, read_BxT,
+def online_weights(lr: float, online: OnlineMix, base_BxTxJ, x_BxTxJxV, rows_BxTxS, read_BxT,
                    n_real_B) -> tuple[jax.Array, OnlineMix]:
   """(the online corrections each position is mixed with [B, T, J], the state after).
 
-  Before position t mixes, the token it read (the previous position's target) moves the
-  previous position's weight set one gradient step up its log-likelihood:
+  Before position t mixes, the token it read (the previous position's target) moves each
+  row the previous position read one gradient step up its log-likelihood:
   d log p(y) / d w_j = x_j[y] - sum_v p_v x_j[v]. Positions from n_real_B on change nothing.
   """
 
-  def row(online: OnlineMix, base_TxJ, x_TxJxV, g_T, read_T, n_real):
+  def row(online: OnlineMix, base_TxJ, x_TxJxV, rows_TxS, read_T, n_real):
     def position(carry, at):
-      delta_GxJ, x_prev_JxV, p_prev_V, g_prev, pending = carry
-      t, base_J, x_JxV, g, y = at
+      delta_RxJ, x_prev_JxV, p_prev_V, rows_prev_S, pending = carry
+      t, base_J, x_JxV, rows_S, y = at
       real = t < n_real
       grad_J = x_prev_JxV[:, y] - x_prev_JxV @ p_prev_V
-      delta_GxJ = delta_GxJ.at[g_prev].add(jnp.where(pending & real, lr * grad_J, 0.0))
-      used_J = delta_GxJ[g]
+      delta_RxJ = delta_RxJ.at[rows_prev_S].add(jnp.where(pending & real, lr * grad_J, 0.0))
+      used_J = jnp.sum(delta_RxJ[rows_S], axis=0)
       p_V = jax.nn.softmax((base_J + used_J) @ x_JxV)
       keep = lambda new, old: jnp.where(real, new, old)
-      carry = (delta_GxJ, keep(x_JxV, x_prev_JxV), keep(p_V, p_prev_V), keep(g, g_prev),
-               pending | real)
+      carry = (delta_RxJ, keep(x_JxV, x_prev_JxV), keep(p_V, p_prev_V),
+               keep(rows_S, rows_prev_S), pending | real)
       return carry, used_J
 
     T = base_TxJ.shape[0]
     carry, used_TxJ = jax.lax.scan(position, tuple(online),
-                                   (jnp.arange(T), base_TxJ, x_TxJxV, g_T, read_T))
+                                   (jnp.arange(T), base_TxJ, x_TxJxV, rows_TxS, read_T))
     return used_TxJ, OnlineMix(*carry)
 
   args = jax.lax.stop_gradient((base_BxTxJ, x_BxTxJxV))
-  used_BxTxJ, online = jax.vmap(row)(online, *args, g_BxT, read_BxT, n_real_B)
+  used_BxTxJ, online = jax.vmap(row)(online, *args, rows_BxTxS, read_BxT, n_real_B)
   return used_BxTxJ, online
 
 
@@ -199,6 +201,10 @@ class Mixer(nn.Module):
   @property
   def n_sets(self) -> int:
     return gate_sets(self.gate_orders or self.n_orders, self.match) if self.cfg.gate else 1
+
+  def online_shape(self, vocab: int) -> tuple[int, int]:
+    """(rows of the online corrections, rows each position reads)."""
+    return self.n_sets + vocab * self.cfg.gate_token, 1 + int(self.cfg.gate_token)
 
   @nn.compact
   def __call__(self, logits_BxTxV, counts: CountFeatures | None,
@@ -240,8 +246,11 @@ class Mixer(nn.Module):
     if online is not None:
       if n_real_B is None:
         n_real_B = jnp.full((B,), T, jnp.int32)
+      rows_BxTxS = g_BxT[..., None]
+      if self.cfg.gate_token:  # the token sets' rows follow the gate sets'
+        rows_BxTxS = jnp.stack([g_BxT, G + previous_BxT], axis=-1)
       used_BxTxJ, online = online_weights(self.cfg.online_lr, online, w_BxTxJ, x_BxTxJxV,
-                                          g_BxT, previous_BxT, n_real_B)
+                                          rows_BxTxS, previous_BxT, n_real_B)
       w_BxTxJ = w_BxTxJ + used_BxTxJ
     out_BxTxV = jnp.einsum("btj,btjv->btv", w_BxTxJ, x_BxTxJxV)
     if self.cfg.apm:

@@ -318,7 +318,8 @@ class LM:
       return layers
     mixer = Mixer(self.mixer_cfg, self.count_orders, self.match_len > 0, self.gate_orders,
                   parent=None)
-    return layers + (init_online(batch, mixer.n_sets, mixer.n_inputs, self.vocab_size),)
+    return layers + (init_online(batch, *mixer.online_shape(self.vocab_size), mixer.n_inputs,
+                                 self.vocab_size),)
 
   def init(self, key: jax.Array) -> dict:
     """Fresh parameters."""
