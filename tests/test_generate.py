@@ -201,6 +201,7 @@ def test_generation_options_and_stops(rng):
 
 
 @pytest.mark.e2e
+@pytest.mark.xla_optimized  # 120 KB through the default model: optimized code pays back
 def test_a_default_model_on_prose_writes_words_of_its_text():
   # Prose on every machine: the standard library's own documentation (pydoc's topics).
   topics = pytest.importorskip("pydoc_data.topics")
