@@ -88,3 +88,29 @@ def finished_run(tmp_path_factory) -> FinishedRun:
   run_dir = root / "run"
   assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir)]) == 0
   return FinishedRun(run_dir, data)
+
+
+# The slowest tests outside an xdist group, slowest first (seconds on the 2-vCPU VM with an
+# empty cache). xdist's loadgroup hands out its groups first (the most tests first), then the
+# other tests in collection order: starting these early keeps a long test from being the
+# last one running while the other worker sits idle. Order only; any test may be missing.
+# (None that shares a module-scoped fixture: moved apart, it would be set up twice.)
+SLOW_FIRST = [
+    "test_daemon_e2e.py::test_the_daemon_captures_learns_serves_and_survives_kill_9",  # 70
+    "test_generate.py::test_a_default_model_on_prose_writes_words_of_its_text",  # 50
+    "test_serve.py::test_the_command_serves_and_picks_up_versions_a_learner_saves",  # 50
+    "test_generate.py::test_the_sampler_reads_the_logits_the_step_scores[mixer]",  # 45
+    "test_spool.py::test_a_learner_follows_the_spool_is_killed_and_a_resume",  # 25
+    "test_scan.py::test_gradients_match_lax[128-512-bfloat16-False]",  # 25
+    "test_generate.py::test_the_sampler_reads_the_logits_the_step_scores[bpe]",  # 20
+    "test_scan_gpu_lowering.py::test_the_gpu_tiling_runs_interpreted_like_the_lax",  # 20
+    "test_scan.py::test_gradients_match_lax[67-130-float32-True]",  # 18
+    "test_scan.py::test_bf16_inputs_accumulate_in_f32_and_keep_an_f32_state",  # 15
+]
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    return next((i for i, name in enumerate(SLOW_FIRST) if name in item.nodeid),
+                len(SLOW_FIRST))
+  items.sort(key=rank)  # stable: the rest keep their order
