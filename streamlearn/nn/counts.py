@@ -154,10 +154,9 @@ def _word_hash(ext_E, T: int):
   """uint32 [T]: per position, the word in progress and the word before it (nearest letter
   first, case folded), as the loop in `_reference_word` reads them."""
   back = ext_E.shape[0] - T
-  now_T = jnp.full((T,), _FNV_START, jnp.uint32)  # the word in progress
-  before_T = jnp.full((T,), _FNV_START, jnp.uint32)  # the word before it
-  phase_T = jnp.zeros((T,), jnp.int32)  # 0: in the word, 1: between words, 2: in the one before
-  for i in range(1, WORD_LOOKBACK + 1):
+
+  def back_one(i, carry):  # a loop, not unrolled: 32 steps unrolled double the compile time
+    now_T, before_T, phase_T = carry  # phase 0: in the word, 1: between, 2: in the one before
     token_T = jax.lax.dynamic_slice_in_dim(ext_E, back - i, T)
     letter_T = _is_letter(token_T)
     folded_T = jnp.where(letter_T & (token_T < 128), token_T | 32, token_T)
@@ -166,6 +165,11 @@ def _word_hash(ext_E, T: int):
     before_T = jnp.where((phase_T == 2) & letter_T, _fnv(before_T, folded_T), before_T)
     phase_T = jnp.where((phase_T == 0) & ~letter_T, 1,
                         jnp.where((phase_T == 2) & ~letter_T, 3, phase_T))
+    return now_T, before_T, phase_T
+
+  start_T = jnp.full((T,), _FNV_START, jnp.uint32)
+  now_T, before_T, _ = jax.lax.fori_loop(1, WORD_LOOKBACK + 1, back_one,
+                                         (start_T, start_T, jnp.zeros((T,), jnp.int32)))
   return ((now_T * jnp.uint32(0x2545F491)) ^ before_T) * jnp.uint32(_FNV_PRIME)
 
 
