@@ -400,14 +400,45 @@ def counts_update(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxT: 
 
 def counts_next(cfg: CountsConfig, vocab: int, state: CountState) -> CountFeatures:
   """Counts [B, 1, O, V] for the token after the pending ones: what the step would read
-  for it at that place in its chunk. The state does not move."""
+  for it at that place in its chunk (`counts_update`'s counts there; tested). The state
+  does not move.
+
+  One position's reads, not a chunk's: generation calls this for every token, and
+  `_rows` (sorts, running sums, the tables' next contents) would cost a whole chunk.
+  """
   B, T = state.pending_BxT.shape
-  at_B = state.n_pending_B
-  # The pending tokens, then a placeholder where the next one goes: its counts come from
-  # the tokens before it only.
-  window_BxT = jnp.where(jnp.arange(T)[None, :] < at_B[:, None], state.pending_BxT, 0)
-  counts_BxTxOxV, _ = _rows(cfg, vocab, state, window_BxT, at_B + 1)
-  return CountFeatures(jnp.take_along_axis(counts_BxTxOxV, at_B[:, None, None, None], axis=1))
+  D, N = n_dense(cfg), state.recent_BxN.shape[1]
+
+  def one(tables, recent_N, pending_T, n):
+    dense_check, dense, check, entry = tables
+    # A placeholder where the next token goes: a position's hash reads only tokens before it.
+    ext_E = jnp.concatenate([recent_N, jnp.where(jnp.arange(T) < n, pending_T, 0)])
+    h_OxT = context_hashes(cfg, ext_E, T)
+    _, check_OxT = _slot_and_check(h_OxT, 32)
+    at_Ox1 = jax.lax.dynamic_slice_in_dim(check_OxT, n, 1, axis=1)
+    earlier_OxT = (check_OxT == at_Ox1) & (jnp.arange(T) < n)[None]
+    counts_OxV = earlier_OxT.astype(jnp.float32) @ jax.nn.one_hot(pending_T, vocab,
+                                                                   dtype=jnp.float32)
+    h_O1 = jax.lax.dynamic_slice_in_dim(h_OxT, n, 1, axis=1)
+    parts = []
+    if D:
+      slot_Dx1, want_Dx1 = _slot_and_check(h_O1[:D], cfg.dense_log2)
+      order_Dx1, _, hit_Dx1 = _table_reads(dense_check, slot_Dx1, want_Dx1)
+      parts.append(jnp.where(hit_Dx1, dense[order_Dx1, slot_Dx1], 0)[:, 0].astype(jnp.float32))
+    if D < n_contexts(cfg):
+      slot_Px1, want_Px1 = _slot_and_check(h_O1[D:], cfg.table_log2)
+      order_Px1, _, hit_Px1 = _table_reads(check, slot_Px1, want_Px1)
+      entry_PxK = entry[order_Px1, slot_Px1][:, 0]
+      count_PxK = jnp.where(hit_Px1, entry_PxK >> _TOKEN_BITS, 0).astype(jnp.float32)
+      token_PxK = entry_PxK & ((1 << _TOKEN_BITS) - 1)
+      P = token_PxK.shape[0]
+      parts.append(jnp.zeros((P, vocab), jnp.float32).at[
+          jnp.arange(P)[:, None], token_PxK].add(count_PxK))
+    return counts_OxV + jnp.concatenate(parts)
+
+  counts_BxOxV = jax.vmap(one)(_tables(state), state.recent_BxN, state.pending_BxT,
+                               state.n_pending_B)
+  return CountFeatures(counts_BxOxV[:, None])
 
 
 def counts_append(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxU: jax.Array,
