@@ -10,7 +10,7 @@ from typing import NamedTuple
 # The tests' programs are tiny and run a few steps: XLA's backend optimizations cost more CPU
 # than they save (on the 2-vCPU VM the compile-bound tests take 20-40% less CPU without).
 # Set before JAX is imported, so that the CLI subprocesses the tests start inherit it too;
-# tests that run long enough to pay for optimized code are marked `xla_optimized`.
+# a test whose steps run long enough to pay for optimized code turns them on for those.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
@@ -32,20 +32,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_disable_most_optimizations",
                   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("0", "false"))
-
-
-@pytest.fixture(autouse=True)
-def _xla_optimized(request):
-  """Tests marked `xla_optimized` compile with XLA's optimizations (in this process)."""
-  if request.node.get_closest_marker("xla_optimized") is None:
-    yield
-    return
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", False)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture
