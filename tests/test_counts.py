@@ -10,7 +10,8 @@ import pytest
 
 from streamlearn.config import ConfigError, CountsConfig, MixerConfig, load_config
 from streamlearn.learn.build import build
-from streamlearn.nn.counts import CountFeatures, counts_update, init_counts, reference_counts
+from streamlearn.nn.counts import (CountFeatures, counts_append, counts_next, counts_update,
+                                   init_counts, reference_counts)
 from streamlearn.nn.match import MatchFeatures
 from streamlearn.nn.mixer import (Mixer, apm, count_map_logprobs, gate_sets, init_online,
                                   online_weights)
@@ -239,3 +240,18 @@ def test_the_online_mixer_steps_each_weight_set_after_its_token(rng):
     np.testing.assert_array_equal(after.rows_BxS[b], prev[2])
     assert bool(after.pending_B[b])
   assert np.abs(after.delta_BxRxJ).max() > 0.01
+
+
+def test_the_next_tokens_counts_are_the_steps_counts_there(rng):
+  # Generation reads one position (counts_next) after appending tokens one at a time
+  # (counts_append); the step reads whole chunks. Two dense orders and every context kind.
+  cfg = dataclasses.replace(WORDS, dense_below=3)
+  alphabet = np.sort(_text("\n abAB="))
+  stream = alphabet[rng.integers(0, len(alphabet), 120)]
+  want, _ = _run(stream, 16, cfg, BYTES)
+  state = init_counts(cfg, 1, 16, BYTES)
+  read = jax.jit(lambda s: counts_next(cfg, BYTES, s))
+  append = jax.jit(lambda s, tok: counts_append(cfg, BYTES, s, tok, jnp.ones((1,), jnp.int32)))
+  for p, token in enumerate(stream):
+    np.testing.assert_array_equal(read(state).counts_BxTxOxV[0, 0], want[p], err_msg=f"at {p}")
+    state = append(state, jnp.asarray([[token]], jnp.int32))

@@ -424,7 +424,8 @@ def counts_next(cfg: CountsConfig, vocab: int, state: CountState) -> CountFeatur
     if D:
       slot_Dx1, want_Dx1 = _slot_and_check(h_O1[:D], cfg.dense_log2)
       order_Dx1, _, hit_Dx1 = _table_reads(dense_check, slot_Dx1, want_Dx1)
-      parts.append(jnp.where(hit_Dx1, dense[order_Dx1, slot_Dx1], 0)[:, 0].astype(jnp.float32))
+      row_DxV = dense[order_Dx1, slot_Dx1][:, 0]
+      parts.append(jnp.where(hit_Dx1, row_DxV, 0).astype(jnp.float32))
     if D < n_contexts(cfg):
       slot_Px1, want_Px1 = _slot_and_check(h_O1[D:], cfg.table_log2)
       order_Px1, _, hit_Px1 = _table_reads(check, slot_Px1, want_Px1)
