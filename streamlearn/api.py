@@ -29,7 +29,7 @@ from streamlearn.learn import sample as sample_lib
 from streamlearn.learn.build import build
 from streamlearn.learn.chunk import Chunk
 from streamlearn.learn.state import Carry, init_learner
-from streamlearn.store.artifact import ArtifactError, read_artifact
+from streamlearn.store.artifact import ArtifactError, carry_leaves, read_artifact
 from streamlearn.store.checkpoint import Checkpointer, VersionError
 from streamlearn.store.rundir import RunError, read_config, run_tokenizer
 from streamlearn.swarm.swarm import restore_member
@@ -230,4 +230,12 @@ def load_artifact(path: str | Path):
       or shapes(params) != shapes(learner.state.params)):
     raise ArtifactError(f"{path}: its parameters do not fit its config's model")
   learner.state = learner.state.replace(params=params)
+  if blob.get("carry") is not None:  # the stream as the version left it
+    fresh = carry_leaves(learner.state.carry)
+    spec = lambda leaves: {k: (x.shape, x.dtype) for k, x in leaves.items()}
+    if spec(blob["carry"]) != spec(fresh):
+      raise ArtifactError(f"{path}: its stream state does not fit its config's model")
+    leaves = [jnp.asarray(blob["carry"][k]) for k in fresh]
+    learner.state = learner.state.replace(carry=jax.tree.unflatten(
+        jax.tree.structure(learner.state.carry), leaves))
   return learner

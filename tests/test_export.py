@@ -87,13 +87,18 @@ def test_loader_generates_without_pickle(exported, monkeypatch, capsys):
   for name in ("load", "loads", "Unpickler"):
     monkeypatch.setattr(pickle, name, no_pickle)
   learner = load_artifact(out)
-  # Its parameters are the artifact's int8 values, dequantized, and nothing else: a fresh
-  # learner of the run's config holding them predicts exactly alike, and close to the
+  # Its parameters are the artifact's int8 values, dequantized, and its stream the version's,
+  # bitwise (the count models' tables, the match model's history, the recurrent state): a
+  # fresh learner of the run's config holding them predicts exactly alike, and close to the
   # version's float parameters.
-  same = Learner.from_config(learner.config)
-  same.state = same.state.replace(params=jax.tree.map(jnp.asarray, read_artifact(out)["params"]))
   version = Learner.load(run_dir)
-  version.state = same.state.replace(params=version.state.params)  # the same fresh stream
+  for x, y in zip(jax.tree.leaves(learner.state.carry), jax.tree.leaves(version.state.carry),
+                  strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(version.state.carry.match))
+  same = Learner.from_config(learner.config)
+  same.state = same.state.replace(params=jax.tree.map(jnp.asarray, read_artifact(out)["params"]),
+                                  carry=version.state.carry)
   for prompt in (b"def ", b"import json\n"):
     np.testing.assert_array_equal(learner.next_token_probs(prompt), same.next_token_probs(prompt))
     np.testing.assert_allclose(learner.next_token_probs(prompt),
@@ -110,6 +115,10 @@ def test_loader_generates_without_pickle(exported, monkeypatch, capsys):
     (b"not msgpack at all", "not a msgpack file"),
     (msgpack.packb({"format": "other"}), "not a streamlearn artifact"),
     (msgpack.packb({"format": "streamlearn.artifact", "version": 99}), "artifact version 99"),
+    (msgpack.packb({"format": "streamlearn.artifact", "version": 1, "config": {}, "tokenizer": {},
+                    "source": {}, "params": {},
+                    "carry": {"x": {"dtype": "int32", "shape": [2], "data": b"not zlib"}}}),
+     "carry x: malformed"),
 ])
 def test_bad_artifacts_get_one_line(tmp_path, capsys, content, message):
   path = tmp_path / "bad.slm"

@@ -79,7 +79,8 @@ def export(run_dir: str, step: str | None, out: str, eval_data: str | None,
   config_json = json.loads((run.path / "config.json").read_text(encoding="utf-8"))
   params = jax.device_get(state.params)
   blob = pack(params, config_json, tokenizer_json,
-              {"run_dir": str(run.path), "step": version, "bytes": record["totals"]["bytes"]})
+              {"run_dir": str(run.path), "step": version, "bytes": record["totals"]["bytes"]},
+              jax.device_get(state.carry))
   tmp = Path(out).with_name(Path(out).name + ".tmp")
   tmp.write_bytes(blob)
   os.replace(tmp, out)

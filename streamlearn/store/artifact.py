@@ -8,6 +8,12 @@ One msgpack map (no pickle, no msgpack extension types):
   params            {"embed/embedding": leaf, ...}, each leaf
                     {dtype, shape, data (raw little-endian bytes), and for int8:
                      scale (float32 bytes, one per channel), axis (the channel axis)}
+  carry             (optional) the stream as the version left it: the recurrent state,
+                    the match model's history, the count models' tables, the mixer's
+                    online weights; {key path: {dtype, shape, data (zlib, raw bytes)}}.
+                    With the count models and the mixer, the network alone is not a
+                    language model (the mix leans on the counts), so an artifact carries
+                    them; a loader without it starts from a fresh stream.
 
 Matrices (the embeddings included) are int8, symmetric, one scale per output
 channel: a Dense kernel's columns (last axis), an embedding's rows (axis 0:
@@ -23,6 +29,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import zlib
+
+import jax
 import msgpack
 import numpy as np
 from flax import traverse_util
@@ -80,13 +89,44 @@ def _array(path: str, leaf: dict) -> np.ndarray:
   raise ArtifactError(f"params {path}: unknown dtype {leaf.get('dtype')!r}")
 
 
-def pack(params, config: dict, tokenizer: dict, source: dict) -> bytes:
-  """The artifact's bytes for float parameters `params` (a nested dict of arrays)."""
+_CARRY_DTYPES = ("int32", "uint32", "float32", "bool")
+
+
+def carry_leaves(carry) -> dict[str, np.ndarray]:
+  """A carry's arrays by key path (the artifact's names for them)."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(carry)
+  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+
+def _carry_leaf(path: str, x: np.ndarray) -> dict:
+  if x.dtype.name not in _CARRY_DTYPES:
+    raise ArtifactError(f"carry {path}: dtype {x.dtype} is not one of {_CARRY_DTYPES}")
+  return {"dtype": x.dtype.name, "shape": list(x.shape),
+          "data": zlib.compress(x.astype(x.dtype.newbyteorder("<")).tobytes(), 1)}
+
+
+def _carry_array(path: str, leaf: dict) -> np.ndarray:
+  try:
+    if leaf["dtype"] not in _CARRY_DTYPES:
+      raise ValueError(f"unknown dtype {leaf['dtype']!r}")
+    dtype = np.dtype(leaf["dtype"]).newbyteorder("<")
+    shape = tuple(int(n) for n in leaf["shape"])
+    return np.frombuffer(zlib.decompress(leaf["data"]), dtype).reshape(shape).astype(
+        dtype.newbyteorder("="))
+  except (KeyError, TypeError, ValueError, zlib.error) as err:
+    raise ArtifactError(f"carry {path}: malformed ({type(err).__name__}: {err})") from None
+
+
+def pack(params, config: dict, tokenizer: dict, source: dict, carry=None) -> bytes:
+  """The artifact's bytes for float parameters `params` (a nested dict of arrays), and the
+  stream's `carry` where given."""
   flat = traverse_util.flatten_dict(params, sep=_SEP)
-  return msgpack.packb({"format": FORMAT, "version": VERSION, "config": config,
-                        "tokenizer": tokenizer, "source": source,
-                        "params": {k: _leaf(k, np.asarray(v)) for k, v in sorted(flat.items())}},
-                       use_bin_type=True)
+  blob = {"format": FORMAT, "version": VERSION, "config": config, "tokenizer": tokenizer,
+          "source": source,
+          "params": {k: _leaf(k, np.asarray(v)) for k, v in sorted(flat.items())}}
+  if carry is not None:
+    blob["carry"] = {k: _carry_leaf(k, x) for k, x in carry_leaves(carry).items()}
+  return msgpack.packb(blob, use_bin_type=True)
 
 
 def unpack(data: bytes) -> dict:
@@ -102,8 +142,11 @@ def unpack(data: bytes) -> dict:
   if blob.get("version") != VERSION:
     raise ArtifactError(f"artifact version {blob.get('version')!r}; this one reads {VERSION}")
   params = {k: _array(k, leaf) for k, leaf in blob["params"].items()}
+  carry = blob.get("carry")
+  if carry is not None:
+    carry = {k: _carry_array(k, leaf) for k, leaf in carry.items()}
   return {"config": blob["config"], "tokenizer": blob["tokenizer"], "source": blob["source"],
-          "params": traverse_util.unflatten_dict(params, sep=_SEP)}
+          "params": traverse_util.unflatten_dict(params, sep=_SEP), "carry": carry}
 
 
 def read_artifact(path: str | Path) -> dict:
