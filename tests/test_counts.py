@@ -11,7 +11,8 @@ import pytest
 from streamlearn.config import ConfigError, CountsConfig, MixerConfig, load_config
 from streamlearn.learn.build import build
 from streamlearn.nn.counts import (CountFeatures, counts_append, counts_next, counts_update,
-                                   init_counts, reference_counts)
+                                   init_counts)
+from streamlearn.nn.counts_reference import reference_counts
 from streamlearn.nn.match import MatchFeatures
 from streamlearn.nn.mixer import (Mixer, apm, count_map_logprobs, gate_sets, init_online,
                                   online_weights)

@@ -45,7 +45,6 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from streamlearn.config import CountsConfig
 
@@ -152,7 +151,7 @@ def _is_letter(token):
 
 def _word_hash(ext_E, T: int):
   """uint32 [T]: per position, the word in progress and the word before it (nearest letter
-  first, case folded), as the loop in `_reference_word` reads them."""
+  first, case folded), as the loop in `counts_reference._word` reads them."""
   back = ext_E.shape[0] - T
 
   def back_one(i, carry):  # a loop, not unrolled: 32 steps unrolled double the compile time
@@ -470,109 +469,3 @@ def counts_append(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxU: 
   pending_BxT = jnp.where(full_B[:, None], window_BxW[:, T:], window_BxW[:, :T])
   return state.replace(pending_BxT=pending_BxT,
                        n_pending_B=jnp.where(full_B, total_B - T, total_B))
-
-
-def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) -> np.ndarray:
-  """float [n, O, V]: the counts `counts_update` gives each position, fed in chunks of T,
-  computed one position and one context at a time (tests compare to this).
-
-  The same hash, slots and rules, written plainly: a dict per order from slot to
-  (check, {token: count}), read as the previous chunk left it plus the chunk's
-  earlier positions with the same context; at the chunk's end the latest context
-  in each slot writes the K most frequent (ties: the lower token) of its
-  candidates (the tokens it held, its own, and those of its K latest earlier
-  positions in the chunk; every token for the orders below `dense_below`),
-  halved past the limit.
-  """
-  N, n = lookback(cfg), len(stream)
-  ext = np.concatenate([np.full(N, -1), stream]).astype(np.int64)
-  tags = context_tags(cfg)
-  out = np.zeros((n, len(tags), vocab))
-  tables = [dict() for _ in tags]
-  log2 = [cfg.dense_log2 if tag < cfg.dense_below else cfg.table_log2 for tag in tags]
-  context = {_WORD_TAG: _reference_word, _COLUMN_TAG: _reference_column}
-  keys = [[_slot_of(context[tag](ext, N + p) if tag in context
-                    else _reference_order(ext[N + p - tag:N + p]), tag, log2[o])
-           for p in range(n)] for o, tag in enumerate(tags)]
-  for lo in range(0, n, T):
-    hi = min(lo + T, n)
-    writes = [dict() for _ in tags]  # slot -> (check, counts, candidates): the latest's
-    for o in range(len(tags)):
-      for p in range(lo, hi):
-        slot, check = keys[o][p]
-        held_check, held = tables[o].get(slot, (0, {}))
-        counts = dict(held) if held_check == check else {}
-        same = [q for q in range(lo, p) if keys[o][q] == (slot, check)]
-        for q in same:
-          counts[int(stream[q])] = counts.get(int(stream[q]), 0) + 1
-        for token, c in counts.items():
-          out[p, o, token] = c
-        counts[int(stream[p])] = counts.get(int(stream[p]), 0) + 1
-        candidates = ({t for t, c in held.items() if c > 0} if held_check == check else set())
-        candidates |= {int(stream[p])} | {int(stream[q]) for q in same[-cfg.keep:]}
-        writes[o][slot] = (check, counts, candidates)
-    for o, tag in enumerate(tags):
-      for slot, (check, counts, candidates) in writes[o].items():
-        if tag < cfg.dense_below:  # every token kept
-          candidates = counts
-        top = sorted(((t, counts[t]) for t in candidates), key=lambda kv: (-kv[1], kv[0]))
-        top = top[:cfg.keep if tag >= cfg.dense_below else None]
-        if top and top[0][1] > cfg.limit:
-          top = [(token, (c + 1) >> 1) for token, c in top]
-        tables[o][slot] = (check, dict(top))
-  return out
-
-
-_MASK = 0xFFFFFFFF
-
-
-def _reference_fnv(h: int, token: int) -> int:
-  return ((h ^ ((token + 1) & _MASK)) * _FNV_PRIME) & _MASK
-
-
-def _reference_order(context: np.ndarray) -> int:
-  """An order's hash before its final mix: the tokens, nearest first."""
-  h = _FNV_START
-  for token in context[::-1]:
-    h = _reference_fnv(h, int(token))
-  return h
-
-
-def _reference_word(ext: np.ndarray, e: int) -> int:
-  """The word context of the token at ext[e]: walk back over the word in progress, the
-  non-letters after the word before it, and that word; WORD_LOOKBACK tokens at most."""
-  letter = lambda t: (97 <= (t | 32) <= 122) or 128 <= t < 256
-  fold = lambda t: t | 32 if letter(t) and t < 128 else t
-  now = before = _FNV_START
-  phase = 0  # in the word, between words, in the one before, done
-  for i in range(1, WORD_LOOKBACK + 1):
-    t = int(ext[e - i])
-    if phase == 0 and letter(t):
-      now = _reference_fnv(now, fold(t))
-    elif phase == 0:
-      phase = 1
-    elif phase in (1, 2) and letter(t):
-      phase, before = 2, _reference_fnv(before, fold(t))
-    elif phase == 2:
-      phase = 3
-  return (((now * 0x2545F491) & _MASK) ^ before) * _FNV_PRIME & _MASK
-
-
-def _reference_column(ext: np.ndarray, e: int) -> int:
-  """The column context of the token at ext[e]: the token above it and the one to its left."""
-  window = range(e - 1, e - COLUMN_LOOKBACK - 1, -1)
-  newlines = [i for i in window if ext[i] == _NEWLINE]
-  if len(newlines) < 2:
-    above = -3  # this line's start or the previous one's is out of reach
-  else:
-    start, prev_start = newlines[0] + 1, newlines[1] + 1
-    column = e - start
-    above = int(ext[prev_start + column]) if prev_start + column < start - 1 else -2
-  return _reference_fnv(_reference_fnv(_FNV_START, above + 2), int(ext[e - 1]))
-
-
-def _slot_of(h: int, tag: int, table_log2: int) -> tuple[int, int]:
-  """(slot, check) of a context's hash, after the final mix with its tag."""
-  h = ((h ^ (tag * 0x27D4EB2F & _MASK)) * 0x9E3779B1) & _MASK
-  h ^= h >> 15
-  return h >> (32 - table_log2), (h >> 1) | 1
