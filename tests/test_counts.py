@@ -43,11 +43,12 @@ def _run(stream: np.ndarray, T: int, cfg: CountsConfig = CFG, vocab: int = V):
   return np.concatenate(out), state
 
 
-@pytest.mark.parametrize("T", [1, 16, 57])
-def test_counts_equal_a_slow_reference(rng, T):
+@pytest.mark.parametrize("T, survive_from", [(1, 2), (16, 2), (57, 2), (16, 0), (57, 1)])
+def test_counts_equal_a_slow_reference(rng, T, survive_from):
+  cfg = dataclasses.replace(CFG, survive_from=survive_from)
   stream = rng.integers(0, 5, 300).astype(np.int32)
-  counts, _ = _run(stream, T)
-  np.testing.assert_array_equal(counts, reference_counts(CFG, V, stream, T))
+  counts, _ = _run(stream, T, cfg)
+  np.testing.assert_array_equal(counts, reference_counts(cfg, V, stream, T))
   assert counts[:, 0].sum(-1).max() > 4  # contexts were seen often enough to count
 
 

@@ -56,6 +56,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "counts.table_log2": (lambda v: 4 <= v <= 24, "in [4, 24]"),
     "counts.keep": (lambda v: 1 <= v <= 64, "in [1, 64]"),
     "counts.limit": (lambda v: 1 <= v <= 16383, "in [1, 16383]"),
+    "counts.survive_from": _NON_NEGATIVE,
     "mixer.lr_mult": _NON_NEGATIVE, "mixer.prior": _POSITIVE,
     "mixer.online_lr": _NON_NEGATIVE,
     "tokenizer.kind": (lambda v: v in ("bytes", "bpe"), "one of bytes, bpe"),

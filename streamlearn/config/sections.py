@@ -48,10 +48,12 @@ class CountsConfig:
   enabled: bool = True        # needs mixer.enabled: the counts reach the prediction through it
   orders: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # context lengths counted (ascending), a table each
   dense_below: int = 3        # orders below this count every token (a vocabulary-wide row each)
-  dense_log2: int = 12        # slots per dense table: 2^12 contexts
+  dense_log2: int = 14        # slots per dense table: 2^14 contexts
   table_log2: int = 16        # slots per other order's table: 2^16 contexts
   keep: int = 16              # ...each keeping its most frequent next tokens, this many
-  limit: int = 255            # a count past this halves the context's counts (recent weighs more)
+  limit: int = 60             # a count past this halves the context's counts (recent weighs more)
+  survive_from: int = 2       # > 0: a context whose top count is at least this keeps its slot
+                              # when another hashes there (its counts halve); 0: newest wins
   word: bool = False          # also the word in progress and the one before (a table, as orders 3+)
   column: bool = False        # also the token above (previous line) and to the left: code layout
 

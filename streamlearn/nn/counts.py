@@ -61,7 +61,7 @@ class CountState:
   recent_BxN: jax.Array       # int32: the N tokens before the chunk, oldest first; -1: none
   # The low orders (below counts.dense_below): every token's count, a row per context.
   dense_check_BxDxS: jax.Array  # int32: the hash of the context a slot holds (> 0); 0 = empty
-  dense_BxDxSxV: jax.Array    # int32: how often each token followed it
+  dense_BxDxSxV: jax.Array    # int16 (counts stay below 2^15): how often each token followed it
   # The other orders: each context's K most frequent next tokens.
   check_BxPxS: jax.Array      # int32: as dense_check
   entry_BxPxSxK: jax.Array    # int32: token | count << 16
@@ -97,11 +97,15 @@ def lookback(cfg: CountsConfig) -> int:
 
 def init_counts(cfg: CountsConfig, batch: int, chunk_tokens: int, vocab: int) -> CountState:
   """The state before any token: nothing recent, empty tables."""
+  if cfg.limit + chunk_tokens >= 1 << 15:
+    # A row's count reaches limit + a chunk's tokens before it halves: int16, int32 entries.
+    raise ValueError(f"counts.limit = {cfg.limit}: at most {(1 << 15) - 1 - chunk_tokens} "
+                     f"with {chunk_tokens}-token chunks")
   D, N = n_dense(cfg), lookback(cfg)
   P, S, S2 = n_contexts(cfg) - D, 1 << cfg.table_log2, 1 << cfg.dense_log2
   return CountState(recent_BxN=jnp.full((batch, N), -1, jnp.int32),
                     dense_check_BxDxS=jnp.zeros((batch, D, S2), jnp.int32),
-                    dense_BxDxSxV=jnp.zeros((batch, D, S2, vocab), jnp.int32),
+                    dense_BxDxSxV=jnp.zeros((batch, D, S2, vocab), jnp.int16),
                     check_BxPxS=jnp.zeros((batch, P, S), jnp.int32),
                     entry_BxPxSxK=jnp.zeros((batch, P, S, cfg.keep), jnp.int32),
                     pending_BxT=jnp.zeros((batch, chunk_tokens), jnp.int32),
@@ -281,6 +285,16 @@ def _table_reads(check_OxS, slot_OxT, check_OxT):
   return order_OxT, held_OxT, held_OxT == check_OxT
 
 
+def _survives(cfg: CountsConfig, hit_OxT, held_OxT, held_top_OxT):
+  """Whether the context a slot holds keeps it against the one written now: with
+  counts.survive_from > 0, when its most frequent token's count is at least that. It then
+  writes back its own counts halved, so a run of newcomers still takes the slot in the
+  end. 0: the newest context always takes the slot."""
+  if not cfg.survive_from:
+    return jnp.zeros_like(hit_OxT)
+  return ~hit_OxT & (held_OxT != 0) & (held_top_OxT >= cfg.survive_from)
+
+
 def _dense_part(cfg: CountsConfig, check_DxS, table_DxSxV, h_DxT, earlier_DxTxV, onehot_TxV,
                 real_T):
   """Orders that keep every token's count (a vocabulary-wide row per context): the counts,
@@ -294,15 +308,19 @@ def _dense_part(cfg: CountsConfig, check_DxS, table_DxSxV, h_DxT, earlier_DxTxV,
   new_DxTxV = (counts_DxTxV + onehot_TxV[None]).astype(jnp.int32)
   over_DxT = jnp.max(new_DxTxV, axis=-1) > cfg.limit
   new_DxTxV = jnp.where(over_DxT[..., None], (new_DxTxV + 1) >> 1, new_DxTxV)
+  # A frequent context keeps its slot against a newcomer, its counts halved (`_survives`).
+  keeps_DxT = _survives(cfg, hit_DxT, held_DxT, jnp.max(row_DxTxV, axis=-1))
+  new_DxTxV = jnp.where(keeps_DxT[..., None], row_DxTxV >> 1, new_DxTxV)
+  check_DxT = jnp.where(keeps_DxT, held_DxT, check_DxT)
   # The writes depend on the reads (counts and checks are >= 0, so the max with
   # (min read >> 31) = 0 changes nothing): XLA must read first, and can then
   # update the donated tables in place instead of copying them every step.
-  floor = jnp.minimum(jnp.min(held_DxT), jnp.min(row_DxTxV)) >> 31
+  floor = jnp.minimum(jnp.min(held_DxT), jnp.min(row_DxTxV).astype(jnp.int32)) >> 31
   writes_DxT = jax.vmap(_last_in_slot, in_axes=(0, None))(slot_DxT, real_T)
   slot_DxT = jnp.where(writes_DxT, slot_DxT, S)
   check_DxS = check_DxS.at[order_DxT, slot_DxT].set(jnp.maximum(check_DxT, floor), mode="drop")
-  table_DxSxV = table_DxSxV.at[order_DxT, slot_DxT].set(jnp.maximum(new_DxTxV, floor),
-                                                        mode="drop")
+  table_DxSxV = table_DxSxV.at[order_DxT, slot_DxT].set(
+      jnp.maximum(new_DxTxV, floor).astype(table_DxSxV.dtype), mode="drop")
   return counts_DxTxV, (check_DxS, table_DxSxV)
 
 
@@ -333,6 +351,13 @@ def _sparse_part(cfg: CountsConfig, vocab: int, check_PxS, entry_PxSxK, h_PxT, e
   over_PxT = top_PxTxK[..., 0] > cfg.limit
   top_PxTxK = jnp.where(over_PxT[..., None], (top_PxTxK + 1) >> 1, top_PxTxK)
   new_entry_PxTxK = new_token_PxTxK | (top_PxTxK << _TOKEN_BITS)
+  keeps_PxT = _survives(cfg, hit_PxT, held_PxT, entry_PxTxK[..., 0] >> _TOKEN_BITS)
+  halved_PxTxK = (entry_PxTxK >> _TOKEN_BITS) >> 1
+  new_entry_PxTxK = jnp.where(keeps_PxT[..., None],
+                              jnp.where(halved_PxTxK > 0,
+                                        token_PxTxK | (halved_PxTxK << _TOKEN_BITS), 0),
+                              new_entry_PxTxK)
+  check_PxT = jnp.where(keeps_PxT, held_PxT, check_PxT)
   floor = jnp.minimum(jnp.min(held_PxT), jnp.min(entry_PxTxK)) >> 31  # as in _dense_part
   slot_PxT = jnp.where(writes_PxT, slot_PxT, S)
   check_PxS = check_PxS.at[order_PxT, slot_PxT].set(jnp.maximum(check_PxT, floor), mode="drop")

@@ -23,7 +23,8 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
   in each slot writes the K most frequent (ties: the lower token) of its
   candidates (the tokens it held, its own, and those of its K latest earlier
   positions in the chunk; every token for the orders below `dense_below`),
-  halved past the limit.
+  halved past the limit. With `survive_from`, a slot held by another context whose top
+  count is at least that stays that context's, its counts halved.
   """
   N, n = lookback(cfg), len(stream)
   ext = np.concatenate([np.full(N, -1), stream]).astype(np.int64)
@@ -54,6 +55,11 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
         writes[o][slot] = (check, counts, candidates)
     for o, tag in enumerate(tags):
       for slot, (check, counts, candidates) in writes[o].items():
+        held_check, held = tables[o].get(slot, (0, {}))
+        if (cfg.survive_from and held_check not in (0, check)
+            and max(held.values(), default=0) >= cfg.survive_from):
+          tables[o][slot] = (held_check, {t: c >> 1 for t, c in held.items() if c >> 1})
+          continue
         if tag < cfg.dense_below:  # every token kept
           candidates = counts
         top = sorted(((t, counts[t]) for t in candidates), key=lambda kv: (-kv[1], kv[0]))
