@@ -213,7 +213,8 @@ def test_the_count_map_reads_its_table_by_bucketed_counts(rng):
   assert [bucket(c) for c in (7, 8, 11, 12, 15, 16, 22, 23)] == [7, 8, 8, 9, 9, 10, 10, 11]
 
 
-def test_the_online_mixer_steps_each_weight_set_after_its_token(rng):
+@pytest.mark.parametrize("boost", [0.0, 3.0])
+def test_the_online_mixer_steps_each_weight_set_after_its_token(rng, boost):
   B, T, J, R, lr = 2, 9, 3, 6, 0.05
   base = rng.normal(size=(B, T, J)).astype(np.float32)
   x = np.log(rng.dirichlet(np.ones(V), size=(B, T, J))).astype(np.float32)
@@ -226,18 +227,22 @@ def test_the_online_mixer_steps_each_weight_set_after_its_token(rng):
                          probs_BxV=start.probs_BxV.at[1].set(jax.nn.softmax(base[1, 0] @ x[1, 0])),
                          rows_BxS=start.rows_BxS.at[1].set(jnp.asarray([2, 4])),
                          pending_B=start.pending_B.at[1].set(True))
-  used, after = jax.jit(online_weights, static_argnums=0)(lr, start, base, x, rows, read, n_real)
+  used, after = jax.jit(online_weights, static_argnums=(0, 7))(lr, start, base, x, rows, read,
+                                                               n_real, boost)
   for b in range(B):  # one position at a time
-    delta = np.zeros((R, J))
+    delta, steps = np.zeros((R, J)), np.zeros(R)
     prev = (np.asarray(start.inputs_BxJxV[b]), np.asarray(start.probs_BxV[b]), [2, 4]) if b else None
     for t in range(n_real[b]):
       if prev is not None:
         x_prev, p_prev, rows_prev = prev
-        delta[rows_prev] += lr * (x_prev[:, read[b, t]] - x_prev @ p_prev)
+        for r in rows_prev:  # a row's step shrinks from lr (1 + boost) to lr as it takes more
+          delta[r] += lr * (1 + boost / (1 + steps[r])) * (x_prev[:, read[b, t]] - x_prev @ p_prev)
+          steps[r] += 1
       np.testing.assert_allclose(used[b, t], delta[rows[b, t]].sum(0), atol=1e-4)
       z = (base[b, t] + delta[rows[b, t]].sum(0)) @ x[b, t]
       prev = (x[b, t], np.exp(z - z.max()) / np.exp(z - z.max()).sum(), rows[b, t])
     np.testing.assert_allclose(after.delta_BxRxJ[b], delta, atol=1e-4)
+    np.testing.assert_array_equal(after.steps_BxR[b], steps)
     np.testing.assert_allclose(after.inputs_BxJxV[b], prev[0])
     np.testing.assert_array_equal(after.rows_BxS[b], prev[2])
     assert bool(after.pending_B[b])

@@ -58,7 +58,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "counts.limit": (lambda v: 1 <= v <= 16383, "in [1, 16383]"),
     "counts.survive_from": _NON_NEGATIVE,
     "mixer.lr_mult": _NON_NEGATIVE, "mixer.prior": _POSITIVE,
-    "mixer.online_lr": _NON_NEGATIVE,
+    "mixer.online_lr": _NON_NEGATIVE, "mixer.online_boost": _NON_NEGATIVE,
     "tokenizer.kind": (lambda v: v in ("bytes", "bpe"), "one of bytes, bpe"),
     "tokenizer.vocab_size": (lambda v: v >= 259, ">= 259 (256 bytes + 3 specials)"),
     "tokenizer.warmup_bytes": _POSITIVE,

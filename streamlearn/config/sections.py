@@ -68,7 +68,9 @@ class MixerConfig:
   prior: float = 0.05         # pseudo-count of every token in a count prediction (learned on)
   gate_token: bool = True     # plus a weight set per previous token (added to the gate's)
   apm: bool = False           # an APM stage after the mix: corrections by stretch(p) per context
-  online_lr: float = 0.002    # > 0: the weights also move after every token, by this step size
+  online_lr: float = 0.0015   # > 0: the weights also move after every token, by this step size
+  online_boost: float = 16.0  # ...times 1 + this / (1 + the steps its row took before): rare
+                              # weight sets learn fast, frequent ones settle
   count_map: bool = True      # counts -> log-probability by a learned table per order (by the
                               # context's total and the token's count), not the fixed formula
 

@@ -143,36 +143,43 @@ class OnlineMix(NamedTuple):
   probs_BxV: jax.Array     # its mixed distribution
   rows_BxS: jax.Array      # int32: the rows it read
   pending_B: jax.Array     # bool: whether a position is waiting for its token
+  steps_BxR: jax.Array     # float32: how many steps each row has taken
 
 
 def init_online(batch: int, rows: int, reads: int, inputs: int, vocab: int) -> OnlineMix:
   return OnlineMix(jnp.zeros((batch, rows, inputs), jnp.float32),
                    jnp.zeros((batch, inputs, vocab), jnp.float32),
                    jnp.zeros((batch, vocab), jnp.float32), jnp.zeros((batch, reads), jnp.int32),
-                   jnp.zeros((batch,), bool))
+                   jnp.zeros((batch,), bool), jnp.zeros((batch, rows), jnp.float32))
 
 
 def online_weights(lr: float, online: OnlineMix, base_BxTxJ, x_BxTxJxV, rows_BxTxS, read_BxT,
-                   n_real_B) -> tuple[jax.Array, OnlineMix]:
+                   n_real_B, boost: float = 0.0) -> tuple[jax.Array, OnlineMix]:
   """(the online corrections each position is mixed with [B, T, J], the state after).
 
   Before position t mixes, the token it read (the previous position's target) moves each
   row the previous position read one gradient step up its log-likelihood:
   d log p(y) / d w_j = x_j[y] - sum_v p_v x_j[v]. Positions from n_real_B on change nothing.
+  A row's n-th step is lr (1 + boost / n): a weight set seen rarely (a long context, an
+  unusual token before) learns fast, one seen often settles, as paq's adaptive rates do.
   """
 
   def row(online: OnlineMix, base_TxJ, x_TxJxV, rows_TxS, read_T, n_real):
     def position(carry, at):
-      delta_RxJ, x_prev_JxV, p_prev_V, rows_prev_S, pending = carry
+      delta_RxJ, x_prev_JxV, p_prev_V, rows_prev_S, pending, steps_R = carry
       t, base_J, x_JxV, rows_S, y = at
       real = t < n_real
       grad_J = x_prev_JxV[:, y] - x_prev_JxV @ p_prev_V
-      delta_RxJ = delta_RxJ.at[rows_prev_S].add(jnp.where(pending & real, lr * grad_J, 0.0))
+      lr_S = lr * (1 + boost / (1 + steps_R[rows_prev_S]))
+      moves = pending & real
+      delta_RxJ = delta_RxJ.at[rows_prev_S].add(jnp.where(moves, lr_S[:, None] * grad_J[None],
+                                                          0.0))
+      steps_R = steps_R.at[rows_prev_S].add(jnp.where(moves, 1.0, 0.0))
       used_J = jnp.sum(delta_RxJ[rows_S], axis=0)
       p_V = jax.nn.softmax((base_J + used_J) @ x_JxV)
       keep = lambda new, old: jnp.where(real, new, old)
       carry = (delta_RxJ, keep(x_JxV, x_prev_JxV), keep(p_V, p_prev_V),
-               keep(rows_S, rows_prev_S), pending | real)
+               keep(rows_S, rows_prev_S), pending | real, steps_R)
       return carry, used_J
 
     T = base_TxJ.shape[0]
@@ -250,7 +257,8 @@ class Mixer(nn.Module):
       if self.cfg.gate_token:  # the token sets' rows follow the gate sets'
         rows_BxTxS = jnp.stack([g_BxT, G + previous_BxT], axis=-1)
       used_BxTxJ, online = online_weights(self.cfg.online_lr, online, w_BxTxJ, x_BxTxJxV,
-                                          rows_BxTxS, previous_BxT, n_real_B)
+                                          rows_BxTxS, previous_BxT, n_real_B,
+                                          self.cfg.online_boost)
       w_BxTxJ = w_BxTxJ + used_BxTxJ
     out_BxTxV = jnp.einsum("btj,btjv->btv", w_BxTxJ, x_BxTxJxV)
     if self.cfg.apm:
