@@ -245,6 +245,7 @@ def test_the_online_mixer_steps_each_weight_set_after_its_token(rng, boost):
     np.testing.assert_array_equal(after.steps_BxR[b], steps)
     np.testing.assert_allclose(after.inputs_BxJxV[b], prev[0])
     np.testing.assert_array_equal(after.rows_BxS[b], prev[2])
+    assert int(after.read_B[b]) == read[b, n_real[b] - 1]
     assert bool(after.pending_B[b])
   assert np.abs(after.delta_BxRxJ).max() > 0.01
 

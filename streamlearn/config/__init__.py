@@ -241,6 +241,10 @@ def _check_across(config: Config) -> None:
   if config.counts.enabled and not config.mixer.enabled:
     raise ConfigError("counts.enabled: the counts reach the prediction through the mixer "
                       "(set mixer.enabled = true)")
+  mixer = config.mixer
+  if mixer.enabled and mixer.online_pairs and not mixer.online_lr:
+    raise ConfigError("mixer.online_pairs: weight sets by the two tokens before are online only "
+                      "(set mixer.online_lr > 0, or mixer.online_pairs = false)")
   need = 2 * T + max(max(match.orders), match.max_len)
   if match.enabled and (1 << match.history_log2) < need:
     raise ConfigError(f"match.history_log2: 2^{match.history_log2} tokens of history is too "

@@ -62,13 +62,14 @@ class CountsConfig:
 class MixerConfig:
   """The final prediction as a learned mix in logit space (streamlearn/nn/mixer.py)."""
   enabled: bool = True        # mixes the network's, each count order's and the match model's
-  lr_mult: float = 5.0        # its weights learn this much faster than the network (0: fixed)
+  lr_mult: float = 2.5        # its weights learn this much faster than the network (0: fixed)
   gate: bool = True           # a weight set per small context (count confidence, match length)
   count_weight: float = 0.3   # each count order's starting weight (the network's is 1)
   prior: float = 0.05         # pseudo-count of every token in a count prediction (learned on)
   gate_token: bool = True     # plus a weight set per previous token (added to the gate's)
   apm: bool = False           # an APM stage after the mix: corrections by stretch(p) per context
   online_lr: float = 0.0015   # > 0: the weights also move after every token, by this step size
+  online_pairs: bool = True   # ...and rows by the two tokens before (hashed to 4096), too
   online_boost: float = 16.0  # ...times 1 + this / (1 + the steps its row took before): rare
                               # weight sets learn fast, frequent ones settle
   count_map: bool = True      # counts -> log-probability by a learned table per order (by the

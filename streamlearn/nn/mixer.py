@@ -46,6 +46,7 @@ _COUNT_BUCKETS = (2, 4, 16)  # seen 1, 2-3, 4-15, 16+ times
 _MATCH_BUCKETS = (1, 16)     # no match, shorter than 16, 16 or longer
 _APM_KNOTS = 25              # the APM's corrections are set at stretch(p) = -12, -11, ..., 12
 _APM_RANGE = 12.0
+_PAIR_ROWS = 4096            # the online rows by the two tokens before: their pair, hashed
 
 
 def gate_sets(n_orders: int, match: bool) -> int:
@@ -132,25 +133,28 @@ class OnlineMix(NamedTuple):
   Corrections to the weight sets that move after every token, as paq's mixer
   does, not once a chunk: the mix adapts within a chunk, and from the first
   tokens of a stream on. Each position reads S rows of a table of corrections
-  and adds them up: its gate set's, and with `mixer.gate_token` its previous
-  token's. A position's own token is only known when the next position reads
+  and adds them up: its gate set's, with `mixer.gate_token` its previous
+  token's, and with `mixer.online_pairs` that of the two tokens before it (hashed
+  to `_PAIR_ROWS` rows; these rows are online only). A position's own token is only known when the next position reads
   it, so the last position's inputs and mix wait here, pending, until the next
   chunk's first token (the same token) arrives.
   """
 
-  delta_BxRxJ: jax.Array   # float32: corrections, a row per weight set (R = G, or G + V)
+  delta_BxRxJ: jax.Array   # float32: corrections, a row per weight set (G, then V, then pairs)
   inputs_BxJxV: jax.Array  # the pending position's inputs
   probs_BxV: jax.Array     # its mixed distribution
   rows_BxS: jax.Array      # int32: the rows it read
   pending_B: jax.Array     # bool: whether a position is waiting for its token
   steps_BxR: jax.Array     # float32: how many steps each row has taken
+  read_B: jax.Array        # int32: the token the pending position read (0: none yet)
 
 
 def init_online(batch: int, rows: int, reads: int, inputs: int, vocab: int) -> OnlineMix:
   return OnlineMix(jnp.zeros((batch, rows, inputs), jnp.float32),
                    jnp.zeros((batch, inputs, vocab), jnp.float32),
                    jnp.zeros((batch, vocab), jnp.float32), jnp.zeros((batch, reads), jnp.int32),
-                   jnp.zeros((batch,), bool), jnp.zeros((batch, rows), jnp.float32))
+                   jnp.zeros((batch,), bool), jnp.zeros((batch, rows), jnp.float32),
+                   jnp.zeros((batch,), jnp.int32))
 
 
 def online_weights(lr: float, online: OnlineMix, base_BxTxJ, x_BxTxJxV, rows_BxTxS, read_BxT,
@@ -166,7 +170,7 @@ def online_weights(lr: float, online: OnlineMix, base_BxTxJ, x_BxTxJxV, rows_BxT
 
   def row(online: OnlineMix, base_TxJ, x_TxJxV, rows_TxS, read_T, n_real):
     def position(carry, at):
-      delta_RxJ, x_prev_JxV, p_prev_V, rows_prev_S, pending, steps_R = carry
+      delta_RxJ, x_prev_JxV, p_prev_V, rows_prev_S, pending, steps_R, read_prev = carry
       t, base_J, x_JxV, rows_S, y = at
       real = t < n_real
       grad_J = x_prev_JxV[:, y] - x_prev_JxV @ p_prev_V
@@ -179,7 +183,7 @@ def online_weights(lr: float, online: OnlineMix, base_BxTxJ, x_BxTxJxV, rows_BxT
       p_V = jax.nn.softmax((base_J + used_J) @ x_JxV)
       keep = lambda new, old: jnp.where(real, new, old)
       carry = (delta_RxJ, keep(x_JxV, x_prev_JxV), keep(p_V, p_prev_V),
-               keep(rows_S, rows_prev_S), pending | real, steps_R)
+               keep(rows_S, rows_prev_S), pending | real, steps_R, keep(y, read_prev))
       return carry, used_J
 
     T = base_TxJ.shape[0]
@@ -211,7 +215,9 @@ class Mixer(nn.Module):
 
   def online_shape(self, vocab: int) -> tuple[int, int]:
     """(rows of the online corrections, rows each position reads)."""
-    return self.n_sets + vocab * self.cfg.gate_token, 1 + int(self.cfg.gate_token)
+    pairs = self.cfg.online_pairs
+    return (self.n_sets + vocab * self.cfg.gate_token + _PAIR_ROWS * pairs,
+            1 + int(self.cfg.gate_token) + int(pairs))
 
   @nn.compact
   def __call__(self, logits_BxTxV, counts: CountFeatures | None,
@@ -256,6 +262,14 @@ class Mixer(nn.Module):
       rows_BxTxS = g_BxT[..., None]
       if self.cfg.gate_token:  # the token sets' rows follow the gate sets'
         rows_BxTxS = jnp.stack([g_BxT, G + previous_BxT], axis=-1)
+      if self.cfg.online_pairs:
+        # And a row per pair of tokens before, after those: the first position's token
+        # two back is the one the pending position read.
+        before_B = jnp.where(online.pending_B, online.read_B, 0)
+        two_back_BxT = jnp.concatenate([before_B[:, None], previous_BxT[:, :-1]], axis=1)
+        pair_BxT = (G + V * self.cfg.gate_token
+                    + (two_back_BxT * V + previous_BxT) % _PAIR_ROWS)
+        rows_BxTxS = jnp.concatenate([rows_BxTxS, pair_BxT[..., None]], axis=-1)
       used_BxTxJ, online = online_weights(self.cfg.online_lr, online, w_BxTxJ, x_BxTxJxV,
                                           rows_BxTxS, previous_BxT, n_real_B,
                                           self.cfg.online_boost)
