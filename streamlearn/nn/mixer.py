@@ -134,10 +134,11 @@ class OnlineMix(NamedTuple):
   does, not once a chunk: the mix adapts within a chunk, and from the first
   tokens of a stream on. Each position reads S rows of a table of corrections
   and adds them up: its gate set's, with `mixer.gate_token` its previous
-  token's, and with `mixer.online_pairs` that of the two tokens before it (hashed
-  to `_PAIR_ROWS` rows; these rows are online only). A position's own token is only known when the next position reads
-  it, so the last position's inputs and mix wait here, pending, until the next
-  chunk's first token (the same token) arrives.
+  token's, and with `mixer.online_pairs` that of the two tokens before it
+  (hashed to `_PAIR_ROWS` rows, which are online only). A position's own token
+  is only known when the next position reads it, so the last position's inputs
+  and mix wait here, pending, until the next chunk's first token (the same
+  token) arrives.
   """
 
   delta_BxRxJ: jax.Array   # float32: corrections, a row per weight set (G, then V, then pairs)
