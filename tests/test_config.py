@@ -72,6 +72,10 @@ def test_ints_are_accepted_for_floats():
                               r"mixer \(set mixer\.enabled = true\)$"),
     (["counts.orders=[2, 1]"], r"^counts\.orders: must be a non-empty, ascending list"),
     (["counts.limit=20000"], r"^counts\.limit: must be in \[1, 16383\]"),
+    (["counts.survive_from=-1"], r"^counts\.survive_from: must be >= 0"),
+    (["mixer.online_lr=0"], r"^mixer\.online_pairs: weight sets by the two tokens before are "
+                            r"online only"),
+    (["mixer.online_boost=-1"], r"^mixer\.online_boost: must be >= 0"),
     (["swarm.size=0"], r"^swarm\.size: must be > 0"),
     (["swarm.top_quantile=0.6"], r"^swarm\.top_quantile: must be in \(0, 0\.5\]"),
     (["swarm.perturb=[]"], r"^swarm\.perturb: must be a non-empty list of positive numbers"),
