@@ -216,11 +216,11 @@ def test_generation_options_and_stops(rng):
 def test_a_default_model_on_prose_writes_words_of_its_text():
   # Prose on every machine: the standard library's own documentation (pydoc's topics).
   topics = pytest.importorskip("pydoc_data.topics")
-  # 40 KB: with the count models and the mixer the default model writes the text's words
-  # after 30 KB already (the network alone needed 120 KB).
-  prose = "\n\n".join(topics.topics.values())[:40_000]
+  # 32 KB: the default model writes the text's words from 28 KB on (48 words, all the
+  # text's, on 2026-12-03; 5 words at 24 KB); the network alone needed 120 KB.
+  prose = "\n\n".join(topics.topics.values())[:32_000]
   learner = Learner.from_config(str(ROOT / "configs" / "default.toml"))
-  with xla_optimized():  # 156 steps: optimized code pays back here (28 vs 35 CPU s)
+  with xla_optimized():  # 125 steps: optimized code pays back here (28 vs 35 CPU s at 156)
     learner.feed(prose)
   known = set(re.findall(r"[A-Za-z]{3,}", prose))
   sample = learner.generate("The ", max_tokens=400, temperature=0.5, repetition_penalty=1.3,
