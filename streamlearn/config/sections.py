@@ -17,7 +17,7 @@ class ModelConfig:
   d_model: int = 128          # residual stream width
   n_layers: int = 1           # each layer = recurrent block + MLP block
   lru_width: int = 128        # width of the gated diagonal recurrence
-  mlp_mult: int = 6           # MLP hidden width = mlp_mult * d_model
+  mlp_mult: int = 4           # MLP hidden width = mlp_mult * d_model
   conv_width: int = 4         # taps of the short causal depthwise conv
   scan_impl: str = "auto"     # linear_scan: auto | lax | associative | blocked | pallas
 
@@ -54,8 +54,8 @@ class CountsConfig:
   limit: int = 60             # a count past this halves the context's counts (recent weighs more)
   survive_from: int = 2       # > 0: a context whose top count is at least this keeps its slot
                               # when another hashes there (its counts halve); 0: newest wins
-  word: bool = False          # also the word in progress and the one before (a table, as orders 3+)
-  column: bool = False        # also the token above (previous line) and to the left: code layout
+  word: bool = True           # also the word in progress and the one before (a table, as orders 3+)
+  column: bool = True         # also the token above (previous line) and to the left: code layout
 
 
 @dataclasses.dataclass(frozen=True)
