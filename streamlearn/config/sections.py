@@ -95,7 +95,7 @@ class OptimConfig:
   learning_rate: float = 2.5e-3  # AdamW peak learning rate
   warmup_steps: int = 50       # linear warm-up from 0, then constant: a stream has no end
   decay_steps: int = 0         # > 0: then decays as 1/sqrt(1 + step/decay_steps); 0: constant
-  b1: float = 0.9
+  b1: float = 0.5              # short momentum: the network follows the stream faster
   b2: float = 0.99
   eps: float = 1e-8
   weight_decay: float = 0.0    # decoupled; applied to matrices only
