@@ -76,6 +76,15 @@ def finished_run(tmp_path_factory) -> FinishedRun:
   return FinishedRun(run_dir, data)
 
 
+@pytest.fixture(scope="session")
+def swarm_one_device():
+  """The swarm's 6-chunk trajectory on this process's one device (compiles every swarm
+  function): test_swarm.py and test_swarm_processes.py share it, one xdist group, one worker."""
+  from swarm_runs import trajectory
+
+  return trajectory(6)
+
+
 # The slowest tests outside an xdist group, slowest first (seconds on the 2-vCPU VM with an
 # empty cache). xdist's loadgroup hands out its groups first (the most tests first), then the
 # other tests in collection order: starting these early keeps a long test from being the

@@ -41,6 +41,12 @@ def random_chunk(rng: np.random.Generator) -> Chunk:
                jnp.full((1,), float(T), jnp.float32))
 
 
+def close(a, b, **tol):
+  """Every leaf of two pytrees equal within the tolerance (np.testing.assert_allclose's)."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
 def trajectory(n_chunks: int, data_seed: int = 7):
   """(final host state, bits_KxN, population json, plans) of a swarm of 4 over random chunks."""
   config = swarm_config()
