@@ -11,7 +11,7 @@ import pytest
 from streamlearn.config import ConfigError, CountsConfig, MixerConfig, load_config
 from streamlearn.learn.build import build
 from streamlearn.nn.counts import (CountFeatures, counts_append, counts_next, counts_update,
-                                   init_counts)
+                                   decode_entries, entry_layout, init_counts)
 from streamlearn.nn.counts_reference import reference_counts
 from streamlearn.nn.match import MatchFeatures
 from streamlearn.nn.mixer import (Mixer, apm, count_map_logprobs, gate_sets, init_online,
@@ -53,6 +53,22 @@ def test_counts_equal_a_slow_reference(rng, T, survive_from):
   assert counts[:, 0].sum(-1).max() > 4  # contexts were seen often enough to count
 
 
+@pytest.mark.parametrize("vocab", [V, 600])
+def test_entries_keep_counts_past_their_layouts_largest_as_the_largest(rng, vocab):
+  # A high limit and long runs of one token: counts pass 127, the largest a 16-bit entry
+  # (a byte vocabulary's) keeps; a 32-bit entry (larger vocabularies) keeps them whole.
+  cfg = dataclasses.replace(CFG, limit=1000)
+  runs = rng.integers(0, 3, 60).repeat(rng.integers(1, 90, 60))
+  stream = np.where(rng.random(len(runs)) < 0.1, rng.integers(0, 5, len(runs)), runs)
+  counts, state = _run(stream.astype(np.int32), 57, cfg, vocab)
+  np.testing.assert_array_equal(counts, reference_counts(cfg, vocab, stream, 57))
+  kept, _ = decode_entries(state.entry_BxPxSxK, vocab)
+  if vocab == V:
+    assert entry_layout(vocab).count_max == int(kept.max()) == 127
+  else:
+    assert entry_layout(vocab).count_max == 32767 and int(kept.max()) > 127
+
+
 def test_a_tokens_counts_never_see_it_or_later_tokens(rng):
   stream = rng.integers(0, 5, 200).astype(np.int32)
   p = 150  # mid-chunk: the change starts inside a chunk of 16
@@ -73,8 +89,7 @@ def test_memory_is_fixed_over_a_thousand_steps(rng):
 def test_padding_is_neither_counted_nor_recorded(rng):
   stream = rng.integers(0, 5, 40).astype(np.int32)
   _, state = _run(stream, 57)  # 40 real tokens, 17 padding (token V - 1, never in the stream)
-  counts = state.entry_BxPxSxK >> 16
-  tokens = state.entry_BxPxSxK & 0xFFFF
+  counts, tokens = decode_entries(state.entry_BxPxSxK, V)
   assert int(counts.sum()) > 0 and not np.any((tokens == V - 1) & (counts > 0))
   assert int(state.dense_BxDxSxV.sum()) > 0 and not state.dense_BxDxSxV[..., V - 1].any()
   np.testing.assert_array_equal(state.recent_BxN[0], stream[-4:])

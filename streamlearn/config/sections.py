@@ -49,7 +49,8 @@ class CountsConfig:
   orders: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # context lengths counted (ascending), a table each
   dense_below: int = 3        # orders below this count every token (a vocabulary-wide row each)
   dense_log2: int = 14        # slots per dense table: 2^14 contexts
-  table_log2: int = 17        # slots per other order's table: 2^17 contexts
+  table_log2: int = 18        # slots per other order's table: 2^18 contexts (16-bit entries
+                              # for byte vocabularies: the memory of 2^17 32-bit ones)
   keep: int = 16              # ...each keeping its most frequent next tokens, this many
   limit: int = 60             # a count past this halves the context's counts (recent weighs more)
   survive_from: int = 2       # > 0: a context whose top count is at least this keeps its slot

@@ -48,7 +48,37 @@ import jax.numpy as jnp
 
 from streamlearn.config import CountsConfig
 
-_TOKEN_BITS = 16  # an entry is token | count << 16: tokens below 2^16, counts below 2^15
+
+class EntryLayout(NamedTuple):
+  """How a sparse table packs an entry: token | count << token_bits, in `dtype`."""
+  dtype: jnp.dtype
+  token_bits: int
+  count_max: int  # a count kept above this is kept as this
+
+
+def entry_layout(vocab: int) -> EntryLayout:
+  """Byte vocabularies (256 bytes and 3 specials) fit a token in 9 bits, and a count in the 7
+  left of 16: half the memory of 32-bit entries, so twice the slots in it. Counts rarely pass
+  127 (`counts.limit` halves them first), and only within one chunk."""
+  if vocab <= 1 << 9:
+    return EntryLayout(jnp.uint16, 9, (1 << 7) - 1)
+  if vocab <= 1 << 16:
+    return EntryLayout(jnp.int32, 16, (1 << 15) - 1)
+  raise ValueError(f"counts: a vocabulary of {vocab} tokens does not fit a count entry")
+
+
+def decode_entries(entry, vocab: int) -> tuple[jax.Array, jax.Array]:
+  """(counts, tokens), int32, of a sparse table's entries."""
+  layout = entry_layout(vocab)
+  entry = entry.astype(jnp.int32)
+  return entry >> layout.token_bits, entry & ((1 << layout.token_bits) - 1)
+
+
+def _encode_entries(counts, tokens, vocab: int) -> jax.Array:
+  """Entries (int32, cast to the table's dtype by the caller) of counts and tokens."""
+  layout = entry_layout(vocab)
+  return tokens | (jnp.minimum(counts, layout.count_max) << layout.token_bits)
+
 WORD_LOOKBACK = 32     # the word context reads at most this many tokens back
 COLUMN_LOOKBACK = 160  # the column context finds the previous line only this far back
 _NEWLINE = 10
@@ -64,7 +94,7 @@ class CountState:
   dense_BxDxSxV: jax.Array    # int16 (counts stay below 2^15): how often each token followed it
   # The other orders: each context's K most frequent next tokens.
   check_BxPxS: jax.Array      # int32: as dense_check
-  entry_BxPxSxK: jax.Array    # int32: token | count << 16
+  entry_BxPxSxK: jax.Array    # token | count << token bits (`entry_layout`: uint16 or int32)
   # Generation only (the step's chunks always leave these empty): the tokens of the chunk
   # in progress, not in the tables yet (T = the step's chunk length).
   pending_BxT: jax.Array      # int32
@@ -98,7 +128,7 @@ def lookback(cfg: CountsConfig) -> int:
 def init_counts(cfg: CountsConfig, batch: int, chunk_tokens: int, vocab: int) -> CountState:
   """The state before any token: nothing recent, empty tables."""
   if cfg.limit + chunk_tokens >= 1 << 15:
-    # A row's count reaches limit + a chunk's tokens before it halves: int16, int32 entries.
+    # A row's count reaches limit + a chunk's tokens before it halves: int16 dense rows.
     raise ValueError(f"counts.limit = {cfg.limit}: at most {(1 << 15) - 1 - chunk_tokens} "
                      f"with {chunk_tokens}-token chunks")
   D, N = n_dense(cfg), lookback(cfg)
@@ -107,7 +137,7 @@ def init_counts(cfg: CountsConfig, batch: int, chunk_tokens: int, vocab: int) ->
                     dense_check_BxDxS=jnp.zeros((batch, D, S2), jnp.int32),
                     dense_BxDxSxV=jnp.zeros((batch, D, S2, vocab), jnp.int16),
                     check_BxPxS=jnp.zeros((batch, P, S), jnp.int32),
-                    entry_BxPxSxK=jnp.zeros((batch, P, S, cfg.keep), jnp.int32),
+                    entry_BxPxSxK=jnp.zeros((batch, P, S, cfg.keep), entry_layout(vocab).dtype),
                     pending_BxT=jnp.zeros((batch, chunk_tokens), jnp.int32),
                     n_pending_B=jnp.zeros((batch,), jnp.int32))
 
@@ -331,9 +361,8 @@ def _sparse_part(cfg: CountsConfig, vocab: int, check_PxS, entry_PxSxK, h_PxT, e
   P, T, S = h_PxT.shape[0], h_PxT.shape[1], check_PxS.shape[1]
   slot_PxT, check_PxT = _slot_and_check(h_PxT, cfg.table_log2)
   order_PxT, held_PxT, hit_PxT = _table_reads(check_PxS, slot_PxT, check_PxT)
-  entry_PxTxK = entry_PxSxK[order_PxT, slot_PxT]
-  count_PxTxK = jnp.where(hit_PxT[..., None], entry_PxTxK >> _TOKEN_BITS, 0)
-  token_PxTxK = entry_PxTxK & ((1 << _TOKEN_BITS) - 1)
+  held_count_PxTxK, token_PxTxK = decode_entries(entry_PxSxK[order_PxT, slot_PxT], vocab)
+  count_PxTxK = jnp.where(hit_PxT[..., None], held_count_PxTxK, 0)
   p_i, t_i = jnp.meshgrid(jnp.arange(P), jnp.arange(T), indexing="ij")
   base_PxTxV = jnp.zeros((P, T, vocab), jnp.float32).at[
       p_i[..., None], t_i[..., None], token_PxTxK].add(count_PxTxK.astype(jnp.float32))
@@ -350,19 +379,19 @@ def _sparse_part(cfg: CountsConfig, vocab: int, check_PxS, entry_PxSxK, h_PxT, e
                                               cfg.keep)
   over_PxT = top_PxTxK[..., 0] > cfg.limit
   top_PxTxK = jnp.where(over_PxT[..., None], (top_PxTxK + 1) >> 1, top_PxTxK)
-  new_entry_PxTxK = new_token_PxTxK | (top_PxTxK << _TOKEN_BITS)
-  keeps_PxT = _survives(cfg, hit_PxT, held_PxT, entry_PxTxK[..., 0] >> _TOKEN_BITS)
-  halved_PxTxK = (entry_PxTxK >> _TOKEN_BITS) >> 1
+  new_entry_PxTxK = _encode_entries(top_PxTxK, new_token_PxTxK, vocab)
+  keeps_PxT = _survives(cfg, hit_PxT, held_PxT, held_count_PxTxK[..., 0])
+  halved_PxTxK = held_count_PxTxK >> 1
   new_entry_PxTxK = jnp.where(keeps_PxT[..., None],
                               jnp.where(halved_PxTxK > 0,
-                                        token_PxTxK | (halved_PxTxK << _TOKEN_BITS), 0),
+                                        _encode_entries(halved_PxTxK, token_PxTxK, vocab), 0),
                               new_entry_PxTxK)
   check_PxT = jnp.where(keeps_PxT, held_PxT, check_PxT)
-  floor = jnp.minimum(jnp.min(held_PxT), jnp.min(entry_PxTxK)) >> 31  # as in _dense_part
+  floor = jnp.minimum(jnp.min(held_PxT), jnp.min(held_count_PxTxK)) >> 31  # as in _dense_part
   slot_PxT = jnp.where(writes_PxT, slot_PxT, S)
   check_PxS = check_PxS.at[order_PxT, slot_PxT].set(jnp.maximum(check_PxT, floor), mode="drop")
-  entry_PxSxK = entry_PxSxK.at[order_PxT, slot_PxT].set(jnp.maximum(new_entry_PxTxK, floor),
-                                                        mode="drop")
+  entry_PxSxK = entry_PxSxK.at[order_PxT, slot_PxT].set(
+      jnp.maximum(new_entry_PxTxK, floor).astype(entry_PxSxK.dtype), mode="drop")
   return counts_PxTxV, (check_PxS, entry_PxSxK)
 
 
@@ -398,8 +427,7 @@ def _row(cfg: CountsConfig, vocab: int, tables: tuple, recent_N, tokens_T, n_rea
 
 def _rows(cfg: CountsConfig, vocab: int, state: CountState, tokens_BxT, n_real_B):
   """(counts [B, T, O, V], the state's tables and recent tokens after the chunk)."""
-  if vocab >= 1 << _TOKEN_BITS:
-    raise ValueError(f"counts: a vocabulary of {vocab} tokens does not fit a count entry")
+  entry_layout(vocab)  # a vocabulary too large for an entry: a clear error
   counts, (tables, recent) = jax.vmap(lambda tab, r, tok, n: _row(cfg, vocab, tab, r, tok, n))(
       _tables(state), state.recent_BxN, tokens_BxT, n_real_B)
   return counts, state.replace(recent_BxN=recent, dense_check_BxDxS=tables[0],
@@ -453,9 +481,8 @@ def counts_next(cfg: CountsConfig, vocab: int, state: CountState) -> CountFeatur
     if D < n_contexts(cfg):
       slot_Px1, want_Px1 = _slot_and_check(h_O1[D:], cfg.table_log2)
       order_Px1, _, hit_Px1 = _table_reads(check, slot_Px1, want_Px1)
-      entry_PxK = entry[order_Px1, slot_Px1][:, 0]
-      count_PxK = jnp.where(hit_Px1, entry_PxK >> _TOKEN_BITS, 0).astype(jnp.float32)
-      token_PxK = entry_PxK & ((1 << _TOKEN_BITS) - 1)
+      count_PxK, token_PxK = decode_entries(entry[order_Px1, slot_Px1][:, 0], vocab)
+      count_PxK = jnp.where(hit_Px1, count_PxK, 0).astype(jnp.float32)
       P = token_PxK.shape[0]
       parts.append(jnp.zeros((P, vocab), jnp.float32).at[
           jnp.arange(P)[:, None], token_PxK].add(count_PxK))

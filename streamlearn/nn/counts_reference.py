@@ -10,7 +10,8 @@ import numpy as np
 
 from streamlearn.config import CountsConfig
 from streamlearn.nn.counts import (_COLUMN_TAG, _FNV_PRIME, _FNV_START, _NEWLINE, _WORD_TAG,
-                                   COLUMN_LOOKBACK, WORD_LOOKBACK, context_tags, lookback)
+                                   COLUMN_LOOKBACK, WORD_LOOKBACK, context_tags, entry_layout,
+                                   lookback)
 
 
 def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) -> np.ndarray:
@@ -23,12 +24,14 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
   in each slot writes the K most frequent (ties: the lower token) of its
   candidates (the tokens it held, its own, and those of its K latest earlier
   positions in the chunk; every token for the orders below `dense_below`),
-  halved past the limit. With `survive_from`, a slot held by another context whose top
-  count is at least that stays that context's, its counts halved.
+  halved past the limit, each at most the largest count an entry holds (`entry_layout`).
+  With `survive_from`, a slot held by another context whose top count is at least that
+  stays that context's, its counts halved.
   """
   N, n = lookback(cfg), len(stream)
   ext = np.concatenate([np.full(N, -1), stream]).astype(np.int64)
   tags = context_tags(cfg)
+  count_max = entry_layout(vocab).count_max
   out = np.zeros((n, len(tags), vocab))
   tables = [dict() for _ in tags]
   log2 = [cfg.dense_log2 if tag < cfg.dense_below else cfg.table_log2 for tag in tags]
@@ -66,6 +69,8 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
         top = top[:cfg.keep if tag >= cfg.dense_below else None]
         if top and top[0][1] > cfg.limit:
           top = [(token, (c + 1) >> 1) for token, c in top]
+        if tag >= cfg.dense_below:  # an entry keeps at most its layout's count
+          top = [(token, min(c, count_max)) for token, c in top]
         tables[o][slot] = (check, dict(top))
   return out
 
