@@ -180,13 +180,14 @@ def test_word_and_column_counts_never_see_the_token_or_later_ones(rng):
 
 def test_the_apm_token_weights_and_count_map_start_as_the_mixer_without_them(rng):
   logits = jnp.asarray(rng.normal(size=(1, 6, V)) * 2, jnp.float32)
-  # Counts below 8: the count map starts at the fixed formula's values exactly there.
+  # The count map starts as the fixed formula, up to a constant per context.
   counts = CountFeatures(jnp.asarray(rng.integers(0, 4, (1, 6, 2, V)), jnp.float32))
   match = MatchFeatures(jnp.full((1, 6, 1), 2, jnp.int32), jnp.asarray([[[0], [5], [0], [9],
                                                                          [1], [0]]]))
   previous = jnp.asarray(rng.integers(0, V, (1, 6)), jnp.int32)
   outs = []
-  for extra in ({}, dict(apm=True, gate_token=True, count_map=True)):
+  for extra in (dict(apm=False, gate_token=False, count_map=False),
+                dict(apm=True, gate_token=True, count_map=True)):
     mixer = Mixer(MixerConfig(enabled=True, **extra), n_orders=2, match=True)
     params = jax.jit(mixer.init)(jax.random.PRNGKey(0), logits, counts, match, previous)
     outs.append(jax.nn.log_softmax(mixer.apply(params, logits, counts, match, previous)))
@@ -213,20 +214,26 @@ def test_the_apm_interpolates_its_corrections_at_stretch_p(rng):
   np.testing.assert_allclose(got, want, atol=2e-3)
 
 
-def test_the_count_map_reads_its_table_by_bucketed_counts(rng):
-  O, C = 2, 32
-  counts = rng.integers(0, 3, (1, 4, O, V)) * rng.integers(1, 200, (1, 4, O, V))
-  table = rng.normal(size=(O, C, C))
+def test_the_count_map_weighs_its_terms_by_order_and_total_count(rng):
+  O, N, K, prior = 2, 32, 6, 0.05
+  counts = rng.integers(0, 3, (1, 4, O, V)) * rng.integers(1, 30, (1, 4, O, V))
+  counts[0, 0, 1] = 0
+  counts[0, 1, 0, 3] = 5  # the only token seen in this context
+  counts[0, 1, 0, np.arange(V) != 3] = 0
+  weights = rng.normal(size=(O, N, K))
   got = np.asarray(count_map_logprobs(CountFeatures(jnp.asarray(counts, jnp.float32)),
-                                      jnp.asarray(table, jnp.float32)))
+                                      jnp.asarray(weights, jnp.float32), prior))
 
-  def bucket(c):  # 0-7 exactly, then two per doubling: 8-11, 12-15, 16-22, 23-31, ...
-    return int(c) if c < 8 else min(8 + int(np.floor(2 * np.log2(c / 8))), C - 1)
+  def bucket(n):  # 0-7 exactly, then two per doubling: 8-11, 12-15, 16-22, 23-31, ...
+    return int(n) if n < 8 else min(8 + int(np.floor(2 * np.log2(n / 8))), N - 1)
 
   for b, t, o, v in np.ndindex(counts.shape):
-    want = table[o, bucket(counts[b, t, o].sum()), bucket(counts[b, t, o, v])]
-    assert got[b, t, o, v] == np.float32(want), (b, t, o, v)
-  assert [bucket(c) for c in (7, 8, 11, 12, 15, 16, 22, 23)] == [7, 8, 8, 9, 9, 10, 10, 11]
+    c, n = counts[b, t, o, v], counts[b, t, o].sum()
+    terms = [np.log(c + prior), c >= 1, c >= 2, c >= 4, c >= 8, c == n]
+    want = weights[o, bucket(n)] @ np.asarray(terms, np.float64)
+    np.testing.assert_allclose(got[b, t, o, v], want, rtol=1e-5, atol=1e-5,
+                               err_msg=str((b, t, o, v)))
+  assert [bucket(n) for n in (7, 8, 11, 12, 15, 16, 22, 23)] == [7, 8, 8, 9, 9, 10, 10, 11]
 
 
 def test_the_online_mixer_steps_each_weight_set_after_its_token(rng):

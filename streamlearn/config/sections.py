@@ -73,8 +73,8 @@ class MixerConfig:
   online_pairs: bool = True   # ...and rows by the two tokens before (hashed to 4096), too
   online_boost: float = 16.0  # ...times 1 + this / (1 + the steps its row took before): rare
                               # weight sets learn fast, frequent ones settle
-  count_map: bool = True      # counts -> log-probability by a learned table per order (by the
-                              # context's total and the token's count), not the fixed formula
+  count_map: bool = True      # counts -> log-probability by a learned map per order and total
+                              # count (terms of the token's count: log, thresholds), not a formula
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,11 +2,12 @@
 
 Each input is a log-probability vector over the vocabulary: the network's
 (its logits already carry the match model's bonus), one per count order
-(`streamlearn.nn.counts`: log((c + a) / (n + a V)), a learned pseudo-count a
-per order), and the match model's longest match as a one-hot vote. The output
-logits are sum_j w[g, j] * input_j: a geometric mixture, the multi-class form
-of paq's logistic mixer (the gated linear networks' view of it). The weight
-set g is chosen per token by a small context: which is the longest count
+(`streamlearn.nn.counts`; with `mixer.count_map` a learned function of a token's
+count c and its context's total n, `count_map_logprobs`, else log((c + a) / (n + a V))
+with a learned pseudo-count a per order), and the match model's longest match as a
+one-hot vote. The output logits are sum_j w[g, j] * input_j: a geometric
+mixture, the multi-class form of paq's logistic mixer (the gated linear
+networks' view of it). The weight set g is chosen per token by a small context: which is the longest count
 context seen before, how often (1, 2-3, 4-15, 16+), whether it always saw the
 same token, and how long the match is (none, < 16, >= 16). The weights are
 parameters with their own learning rate (`mixer.lr_mult`), trained by the same
@@ -91,32 +92,43 @@ def count_logprobs(counts: CountFeatures, prior_O) -> jax.Array:
   return jnp.log(c_BxTxOxV + a_O) - jnp.log(n_BxTxOx1 + a_O * V)
 
 
-_MAP_BUCKETS = 32  # counts 0-7 exactly, then two buckets per doubling (8, 11, 16, ...)
+_MAP_BUCKETS = 32  # totals 0-7 exactly, then two buckets per doubling (8, 11, 16, ...)
+_MAP_TERMS = 6     # the count map's terms: log(c + a), c >= 1, 2, 4, 8, and c = n
 
 
 def count_bucket(c):
-  """int32: a count's bucket in the learned count map: exact below 8, then logarithmic."""
+  """int32: a context's total count's bucket in the count map: exact below 8, then
+  logarithmic."""
   log_part = 8 + jnp.floor(2 * jnp.log2(jnp.maximum(c, 8.0) / 8)).astype(jnp.int32)
   return jnp.minimum(jnp.where(c < 8, c.astype(jnp.int32), log_part), _MAP_BUCKETS - 1)
 
 
-def count_map_start(n_orders: int, prior: float, vocab: int) -> jax.Array:
-  """float32 [O, N, C]: the count map where it starts, log((c + a) / (n + a V)) at each
-  bucket's smallest count: the fixed formula's values, so learning starts from there."""
-  q = np.arange(_MAP_BUCKETS)
-  smallest = np.where(q < 8, q, np.ceil(8 * 2.0 ** ((q - 8) / 2)))
-  table_NxC = np.log(smallest[None, :] + prior) - np.log(smallest[:, None] + prior * vocab)
-  return jnp.asarray(np.broadcast_to(table_NxC, (n_orders,) + table_NxC.shape), jnp.float32)
+def count_map_start(n_orders: int) -> jax.Array:
+  """float32 [O, N, K]: the count map where it starts: log(c + a) alone, the fixed
+  formula up to a constant per context (which the softmax ignores)."""
+  start_K = np.eye(_MAP_TERMS)[0]
+  return jnp.asarray(np.broadcast_to(start_K, (n_orders, _MAP_BUCKETS, _MAP_TERMS)),
+                     jnp.float32)
 
 
-def count_map_logprobs(counts: CountFeatures, table_OxNxC) -> jax.Array:
-  """float32 [B, T, O, V]: each order's prediction through the learned count map: the
-  entry for (the context's total count, the token's count), both bucketed."""
+def count_map_logprobs(counts: CountFeatures, weights_OxNxK, prior: float) -> jax.Array:
+  """float32 [B, T, O, V]: each order's prediction through the learned count map, a
+  log-probability up to a constant per context: a weighted sum of a token's count's
+  terms, log(c + a), whether c >= 1, 2, 4 and 8, and whether c = n (the only token seen),
+  weighted by the context's order and its total count n (bucketed).
+
+  Its shape in c is learned per order and confidence (how sure a context seen twice,
+  always with the same token, is), as a table by count would be; but its V-wide work is
+  elementwise: a [B, T, O, V] gather from a table costs as much as the rest of the mix,
+  forward and (a scatter) backward."""
   c_BxTxOxV = counts.counts_BxTxOxV
   O = c_BxTxOxV.shape[2]
-  n_BxTxO = count_bucket(jnp.sum(c_BxTxOxV, axis=-1))
-  row_BxTxOxC = table_OxNxC[jnp.arange(O)[None, None, :], n_BxTxO]
-  return jnp.take_along_axis(row_BxTxOxC, count_bucket(c_BxTxOxV), axis=-1)
+  n_BxTxO = jnp.sum(c_BxTxOxV, axis=-1)
+  w_BxTxOxK = weights_OxNxK[jnp.arange(O)[None, None, :], count_bucket(n_BxTxO)]
+  w = lambda k: w_BxTxOxK[..., k, None]
+  return (w(0) * jnp.log(c_BxTxOxV + prior) + w(1) * (c_BxTxOxV >= 1)
+          + w(2) * (c_BxTxOxV >= 2) + w(3) * (c_BxTxOxV >= 4) + w(4) * (c_BxTxOxV >= 8)
+          + w(5) * (c_BxTxOxV == n_BxTxO[..., None]))
 
 
 def match_vote(match: MatchFeatures, vocab: int) -> jax.Array:
@@ -247,8 +259,8 @@ class Mixer(nn.Module):
                                      (V, J))[previous_BxT]
     inputs = [jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32))[:, :, None]]
     if O and self.cfg.count_map:
-      table_OxNxC = self.param("count_map", lambda key: count_map_start(O, self.cfg.prior, V))
-      inputs.append(count_map_logprobs(counts, table_OxNxC))
+      weights_OxNxK = self.param("count_map", lambda key: count_map_start(O))
+      inputs.append(count_map_logprobs(counts, weights_OxNxK, self.cfg.prior))
     elif O:
       # The pseudo-count per order, learned in log space (it must stay positive).
       log_prior_O = self.param("log_prior", nn.initializers.constant(math.log(self.cfg.prior)),
