@@ -285,26 +285,30 @@ def _last_in_slot(slot_T, real_T):
   return real_T & (latest_T[rank_T] == t_T)
 
 
-def _most_frequent(cand_OxTxC, count_OxTxV, keep: int):
+def _most_frequent(cand_OxTxC, count_OxTxV, keep: int, token_bits: int):
   """(count, token) [O, T, keep]: the most frequent of the candidate tokens (-1: none), by
   count then the lower token; the rest of the vocabulary is not searched (a top-k over
   every token costs more than the rest of the update)."""
   C = cand_OxTxC.shape[-1]
   count_OxTxC = jnp.take_along_axis(count_OxTxV, jnp.maximum(cand_OxTxC, 0), axis=-1)
+  # One int32 key per candidate orders it: more counts first, then the lower token
+  # (counts stay below 2^15, tokens below 2^token_bits). -1: none.
+  mask = (1 << token_bits) - 1
+  key_OxTxC = jnp.where(cand_OxTxC < 0, -1,
+                        (count_OxTxC.astype(jnp.int32) << token_bits) | (mask - cand_OxTxC))
   earlier_1x1xCxC = (jnp.arange(C)[None, :] < jnp.arange(C)[:, None])[None, None]  # j before i
-  same_OxTxCxC = cand_OxTxC[..., :, None] == cand_OxTxC[..., None, :]
-  dup_OxTxC = jnp.any(same_OxTxCxC & earlier_1x1xCxC, axis=-1)
-  count_OxTxC = jnp.where((cand_OxTxC < 0) | dup_OxTxC, -1, count_OxTxC).astype(jnp.int32)
-  # Each candidate's rank: how many come before it (more counts, then the lower token,
-  # then the earlier place); C² comparisons beat a sort of many short rows on CPU.
-  ci, cj = count_OxTxC[..., :, None], count_OxTxC[..., None, :]
-  ti, tj = cand_OxTxC[..., :, None], cand_OxTxC[..., None, :]
-  ahead_OxTxCxC = (cj > ci) | ((cj == ci) & ((tj < ti) | ((tj == ti) & earlier_1x1xCxC)))
-  rank_OxTxC = jnp.sum(ahead_OxTxCxC, axis=-1)
+  dup_OxTxC = jnp.any((cand_OxTxC[..., :, None] == cand_OxTxC[..., None, :]) & earlier_1x1xCxC,
+                      axis=-1)  # a token already among the candidates before it
+  key_OxTxC = jnp.where(dup_OxTxC, -1, key_OxTxC)
+  # Each candidate's rank: how many keys are larger (the keys left are unique, but for the
+  # -1s, which add nothing whatever their rank); C² comparisons beat a sort (or
+  # lax.top_k) of many short rows on CPU.
+  rank_OxTxC = jnp.sum(key_OxTxC[..., None, :] > key_OxTxC[..., :, None], axis=-1)
   at_OxTxCxK = rank_OxTxC[..., None] == jnp.arange(keep)[None, None, None]
-  count_OxTxK = jnp.sum(jnp.where(at_OxTxCxK, jnp.maximum(count_OxTxC, 0)[..., None], 0), axis=-2)
-  token_OxTxK = jnp.sum(jnp.where(at_OxTxCxK, jnp.maximum(cand_OxTxC, 0)[..., None], 0), axis=-2)
-  return count_OxTxK, token_OxTxK
+  top_OxTxK = jnp.sum(jnp.where(at_OxTxCxK, (key_OxTxC + 1)[..., None], 0), axis=-2) - 1
+  held_OxTxK = top_OxTxK >= 0  # (key + 1 above: 0 where no candidate has the rank)
+  return (jnp.where(held_OxTxK, top_OxTxK >> token_bits, 0),
+          jnp.where(held_OxTxK, mask - (top_OxTxK & mask), 0))
 
 
 def _table_reads(check_OxS, slot_OxT, check_OxT):
@@ -376,7 +380,7 @@ def _sparse_part(cfg: CountsConfig, vocab: int, check_PxS, entry_PxSxK, h_PxT, e
                                 jnp.broadcast_to(tokens_T[None, :, None], (P, T, 1)),
                                 prev_PxTxK], axis=-1)
   top_PxTxK, new_token_PxTxK = _most_frequent(cand_PxTxC, counts_PxTxV + onehot_TxV[None],
-                                              cfg.keep)
+                                              cfg.keep, entry_layout(vocab).token_bits)
   over_PxT = top_PxTxK[..., 0] > cfg.limit
   top_PxTxK = jnp.where(over_PxT[..., None], (top_PxTxK + 1) >> 1, top_PxTxK)
   new_entry_PxTxK = _encode_entries(top_PxTxK, new_token_PxTxK, vocab)
