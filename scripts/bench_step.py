@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from streamlearn.config import load_config
+from streamlearn.config import ConfigError, load_config
 from streamlearn.data.sources import open_source
 from streamlearn.data.stream import TokenStream
 from streamlearn.data.tokenizer import make_tokenizer
@@ -39,7 +39,11 @@ def main(argv=None) -> int:
 
   runners = {}
   for name, *overrides in args.variant:
-    config = load_config(args.config, overrides)
+    try:
+      config = load_config(args.config, overrides)
+    except ConfigError as err:
+      print(f"error: variant {name}: {err}", file=sys.stderr)
+      return 2
     if config.tokenizer.kind != "bytes":
       raise SystemExit("error: bench_step.py times the byte tokenizer only")
     tokenizer = make_tokenizer("bytes", vocab_size=config.tokenizer.vocab_size, warmup=b"")

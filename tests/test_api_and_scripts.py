@@ -144,6 +144,10 @@ def test_bench_step_times_variants_as_ratios(text_file, capsys):
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| with")
           or line.startswith("| without")]
   assert len(rows) == 2 and rows[0].endswith("| 1.00 |")
+  # A variant the config refuses: one line, before anything compiles.
+  assert bench_step.main(["--config", TINY, "--variant", "bad", "mixer.online_lr=-1"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: variant bad: mixer.") and err.count("\n") == 1
 
 
 def test_benchmark_ablations_each_turn_exactly_one_part_off():
