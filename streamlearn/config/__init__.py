@@ -55,6 +55,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "counts.dense_below": _NON_NEGATIVE, "counts.dense_log2": (lambda v: 4 <= v <= 20, "in [4, 20]"),
     "counts.table_log2": (lambda v: 4 <= v <= 24, "in [4, 24]"),
     "counts.keep": (lambda v: 1 <= v <= 64, "in [1, 64]"),
+    "counts.recent": (lambda v: 1 <= v <= 64, "in [1, 64]"),
     "counts.limit": (lambda v: 1 <= v <= 16383, "in [1, 16383]"),
     "counts.survive_from": _NON_NEGATIVE,
     "mixer.lr_mult": _NON_NEGATIVE, "mixer.prior": _POSITIVE,

@@ -52,6 +52,8 @@ class CountsConfig:
   table_log2: int = 18        # slots per other order's table: 2^18 contexts (16-bit entries
                               # for byte vocabularies: the memory of 2^17 32-bit ones)
   keep: int = 16              # ...each keeping its most frequent next tokens, this many
+  recent: int = 8             # a slot's new top tokens come from those it kept, the token and
+                              # this many latest earlier ones in the chunk with its context
   limit: int = 60             # a count past this halves the context's counts (recent weighs more)
   survive_from: int = 2       # > 0: a context whose top count is at least this keeps its slot
                               # when another hashes there (its counts halve); 0: newest wins

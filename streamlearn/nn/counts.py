@@ -35,7 +35,8 @@ progress as pending tokens (`counts_append`, `counts_next`) and folds them in
 when the chunk is full, exactly where the step would.
 
 Dimension letters: B = streams, T = tokens in a chunk, O = orders, S = slots,
-K = tokens kept per slot, V = vocabulary, N = the longest order (tokens kept).
+K = tokens kept per slot, R = recent candidates (`counts.recent`), V = vocabulary,
+N = the longest order (tokens kept).
 """
 
 from __future__ import annotations
@@ -359,7 +360,7 @@ def _dense_part(cfg: CountsConfig, check_DxS, table_DxSxV, h_DxT, earlier_DxTxV,
 
 
 def _sparse_part(cfg: CountsConfig, vocab: int, check_PxS, entry_PxSxK, h_PxT, earlier_PxTxV,
-                 prev_PxTxK, tokens_T, onehot_TxV, real_T):
+                 prev_PxTxR, tokens_T, onehot_TxV, real_T):
   """Orders that keep each context's `keep` most frequent tokens: the counts, and the tables
   after the chunk."""
   P, T, S = h_PxT.shape[0], h_PxT.shape[1], check_PxS.shape[1]
@@ -373,12 +374,12 @@ def _sparse_part(cfg: CountsConfig, vocab: int, check_PxS, entry_PxSxK, h_PxT, e
   counts_PxTxV = base_PxTxV + earlier_PxTxV
 
   # Each slot's new entries, written by the latest context in it: the most frequent of the
-  # tokens it kept, this token and those of the `keep` latest earlier ones in the chunk
+  # tokens it kept, this token and those of the `recent` latest earlier ones in the chunk
   # with the same context, counts halved past the limit. Others write out of bounds.
   writes_PxT = jax.vmap(_last_in_slot, in_axes=(0, None))(slot_PxT, real_T)
   cand_PxTxC = jnp.concatenate([jnp.where(count_PxTxK > 0, token_PxTxK, -1),
                                 jnp.broadcast_to(tokens_T[None, :, None], (P, T, 1)),
-                                prev_PxTxK], axis=-1)
+                                prev_PxTxR], axis=-1)
   top_PxTxK, new_token_PxTxK = _most_frequent(cand_PxTxC, counts_PxTxV + onehot_TxV[None],
                                               cfg.keep, entry_layout(vocab).token_bits)
   over_PxT = top_PxTxK[..., 0] > cfg.limit
@@ -411,8 +412,8 @@ def _row(cfg: CountsConfig, vocab: int, tables: tuple, recent_N, tokens_T, n_rea
   # The chunk's own earlier tokens with the same context (padding counts for nothing).
   onehot_TxV = jax.nn.one_hot(tokens_T, vocab, dtype=jnp.float32) * real_T[:, None]
   _, check_OxT = _slot_and_check(h_OxT, 32)
-  earlier_OxTxV, prev_OxTxK = jax.vmap(_earlier_in_chunk, in_axes=(0, None, None, None))(
-      jnp.where(real_T[None], check_OxT, 0), tokens_T, onehot_TxV, cfg.keep)
+  earlier_OxTxV, prev_OxTxR = jax.vmap(_earlier_in_chunk, in_axes=(0, None, None, None))(
+      jnp.where(real_T[None], check_OxT, 0), tokens_T, onehot_TxV, cfg.recent)
   dense_check, dense, check, entry = tables
   parts = []
   if D:
@@ -421,7 +422,7 @@ def _row(cfg: CountsConfig, vocab: int, tables: tuple, recent_N, tokens_T, n_rea
     parts.append(counts_DxTxV)
   if D < n_contexts(cfg):
     counts_PxTxV, (check, entry) = _sparse_part(
-        cfg, vocab, check, entry, h_OxT[D:], earlier_OxTxV[D:], prev_OxTxK[D:], tokens_T,
+        cfg, vocab, check, entry, h_OxT[D:], earlier_OxTxV[D:], prev_OxTxR[D:], tokens_T,
         onehot_TxV, real_T)
     parts.append(counts_PxTxV)
   recent_N = jax.lax.dynamic_slice_in_dim(ext_E, n_real, N)

@@ -22,8 +22,8 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
   (check, {token: count}), read as the previous chunk left it plus the chunk's
   earlier positions with the same context; at the chunk's end the latest context
   in each slot writes the K most frequent (ties: the lower token) of its
-  candidates (the tokens it held, its own, and those of its K latest earlier
-  positions in the chunk; every token for the orders below `dense_below`),
+  candidates (the tokens it held, its own, and those of its `recent` latest
+  earlier positions in the chunk; every token for the orders below `dense_below`),
   halved past the limit, each at most the largest count an entry holds (`entry_layout`).
   With `survive_from`, a slot held by another context whose top count is at least that
   stays that context's, its counts halved.
@@ -54,7 +54,7 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
           out[p, o, token] = c
         counts[int(stream[p])] = counts.get(int(stream[p]), 0) + 1
         candidates = ({t for t, c in held.items() if c > 0} if held_check == check else set())
-        candidates |= {int(stream[p])} | {int(stream[q]) for q in same[-cfg.keep:]}
+        candidates |= {int(stream[p])} | {int(stream[q]) for q in same[-cfg.recent:]}
         writes[o][slot] = (check, counts, candidates)
     for o, tag in enumerate(tags):
       for slot, (check, counts, candidates) in writes[o].items():
