@@ -385,3 +385,23 @@ def test_a_run_in_use_is_not_restored(straight, tmp_path, capsys):
   finally:
     lock.release()
   assert "in use by pid" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_a_version_of_another_layout_is_one_line_before_any_read(straight, tmp_path, capsys):
+  # What an older streamlearn's run looks like to a resume: the same config, but a table of
+  # another shape in its versions (here the run's config says a larger one). Every version
+  # has it, so none is tried after the newest.
+  run_dir = copy_run(straight, tmp_path / "run")
+  config = json.loads((run_dir / "config.json").read_text())
+  config["match"]["table_log2"] += 1
+  (run_dir / "config.json").write_text(json.dumps(config))
+  data = tmp_path / "text.txt"
+  data.write_bytes(stdlib_text(3000))
+  assert run_main(SAFE + ["--data", str(data), "--run-dir", str(run_dir), "--resume",
+                          "--set", f"match.table_log2={config['match']['table_log2']}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "warning" not in err, err
+  assert err.startswith(f"error: {run_dir}: version 47 holds a state of another layout "
+                        "(carry.match."), err
+  assert "another config or an older streamlearn saved it" in err

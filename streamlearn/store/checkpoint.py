@@ -53,6 +53,31 @@ class VersionError(FileNotFoundError):
   """
 
 
+
+class LayoutError(VersionError):
+  """A version whose state has other arrays than the config builds: another config or an
+  older streamlearn saved it, and no version of the run will restore under this one."""
+
+
+def _leaf_name(path) -> str:
+  """A state leaf's name as Orbax records it: its path's keys, dotted."""
+  return ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
+def layout_difference(saved_metadata: Any, abstract_state: Any) -> str | None:
+  """The first array a version holds in another shape or dtype than the state the config
+  builds ("NAME is SHAPE DTYPE there, SHAPE DTYPE here"), or None."""
+  saved = {leaf.name: (tuple(leaf.shape), np.dtype(leaf.dtype))
+           for leaf in jax.tree.leaves(saved_metadata) if hasattr(leaf, "name")}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+    name = _leaf_name(path)
+    here = (tuple(leaf.shape), np.dtype(leaf.dtype))
+    if name in saved and saved[name] != here:
+      show = lambda shape_dtype: f"{shape_dtype[1]}{list(shape_dtype[0])}"
+      return f"{name} is {show(saved[name])} there, {show(here)} here"
+  return None
+
+
 class SaveError(RuntimeError):
   """A version that could not be written (its partial files are removed); one line."""
 
@@ -226,6 +251,8 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         got = self._restore_exact(step, abstract_state)
+      except LayoutError as err:  # the run's, not this version's: older ones would not do
+        raise LayoutError(f"{self.run_dir}: {err}") from None
       except VersionError as err:
         unreadable.append((step, str(err)))
         older = [s for s in steps if s < step]
@@ -242,6 +269,7 @@ class Checkpointer:
 
   def _restore_exact(self, step: int, abstract_state: Any) -> Restored:
     self._require(step)
+    self._check_layout(step, abstract_state)
     _silence_closed_loop_noise()  # before: the noise may come while the failure unwinds
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -259,6 +287,19 @@ class Checkpointer:
     # step instead of compiling it again for arrays pinned to a device.
     state = jax.tree.map(jnp.asarray, state)
     return Restored(step, state, record, dict(restored["tokenizer"]), [])
+
+  def _check_layout(self, step: int, abstract_state: Any) -> None:
+    """LayoutError before any array is read (a restore that fails halfway leaves the
+    storage library's readers to print their tracebacks at exit)."""
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+    except Exception:  # no metadata to read: the restore itself says what is wrong
+      return
+    difference = layout_difference(saved, abstract_state)
+    if difference is not None:
+      raise LayoutError(f"version {step} holds a state of another layout ({difference}): "
+                        "another config or an older streamlearn saved it; resume it with "
+                        "those, or start a new --run-dir")
 
   def saving(self) -> bool:
     """Whether a version is still being written in the background."""
