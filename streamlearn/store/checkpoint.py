@@ -37,7 +37,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from streamlearn.config import CheckpointConfig
 from streamlearn.disk import out_of_space, why
-from streamlearn.distributed import barrier, everywhere, host_copy, is_primary, several
+from streamlearn.distributed import everywhere, host_copy, is_primary, several
 
 log = logging.getLogger(__name__)
 
