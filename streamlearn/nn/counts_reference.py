@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from streamlearn.config import CountsConfig
-from streamlearn.nn.counts import (_COLUMN_TAG, _FNV_PRIME, _FNV_START, _NEWLINE, _WORD_TAG,
-                                   COLUMN_LOOKBACK, WORD_LOOKBACK, context_tags, entry_layout,
-                                   lookback)
+from streamlearn.nn.contexts import (_COLUMN_TAG, _FNV_PRIME, _FNV_START, _NEWLINE, _WORD_TAG,
+                                     COLUMN_LOOKBACK, WORD_LOOKBACK, context_tags, lookback)
+from streamlearn.nn.counts import entry_layout
 
 
 def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) -> np.ndarray:
