@@ -23,7 +23,7 @@ from streamlearn.data.sources import open_source
 from streamlearn.data.stream import TokenStream
 from streamlearn.data.tokenizer import make_tokenizer
 from streamlearn.learn.build import build
-from streamlearn.learn.prequential import device_chunk
+from streamlearn.learn.prequential import step_chunk
 from streamlearn.learn.state import init_learner
 
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     source = open_source(args.data, max_file_bytes=config.data.max_file_bytes,
                          block_bytes=config.data.block_bytes)
     stream = iter(TokenStream(source, tokenizer, config.data.chunk_tokens))
-    chunks = [device_chunk(next(stream)) for _ in range(args.chunks)]
+    chunks = [step_chunk(next(stream)) for _ in range(args.chunks)]
     state = init_learner(predictor, optimizer, seed=config.seed, bos_id=tokenizer.bos_id)
     runners[name] = [step, state, chunks, []]
 

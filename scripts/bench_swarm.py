@@ -32,7 +32,7 @@ from streamlearn.data.sources import open_source
 from streamlearn.data.stream import TokenStream
 from streamlearn.data.tokenizer import make_tokenizer
 from streamlearn.learn.build import build
-from streamlearn.learn.prequential import device_chunk
+from streamlearn.learn.prequential import step_chunk
 from streamlearn.swarm.swarm import Swarm, initial_state
 
 _NEVER = 1 << 60  # interval_bytes of a swarm that never replaces anyone
@@ -62,7 +62,7 @@ def speed(args) -> int:
     config = load_config(args.config, args.set + [f"swarm.size={size}"])
     tokenizer = _tokenizer(config)
     host_chunks = _chunks(config, tokenizer, args.data, None, args.chunks)
-    chunks = [device_chunk(c) for c in host_chunks]
+    chunks = [step_chunk(c) for c in host_chunks]
     state = initial_state(config, tokenizer.vocab_size, tokenizer.bos_id)
     if size == 1:
       step = build(config, tokenizer.vocab_size)[2]
@@ -106,7 +106,7 @@ def _learn_one(config, tokenizer, chunks) -> dict:
   replaced = 0
   start = time.perf_counter()
   for k, chunk in enumerate(chunks, 1):
-    state, metrics = swarm.step(state, device_chunk(chunk))
+    state, metrics = swarm.step(state, step_chunk(chunk))
     m = jax.device_get(metrics)
     leader = swarm.observe(m, chunk.n_bytes)  # the member chosen before this chunk
     bits += float(leader["leader_bits"])

@@ -66,7 +66,7 @@ from streamlearn.data.sources import SourceError, open_source
 from streamlearn.data.stream import TokenStream
 from streamlearn.data.tokenizer import make_tokenizer, trained_on
 from streamlearn.learn.build import build
-from streamlearn.learn.prequential import PassResult, device_chunk, learn_through, score_through
+from streamlearn.learn.prequential import PassResult, learn_through, score_through, step_chunk
 from streamlearn.learn.state import init_learner
 from streamlearn.learn.step import make_score
 from streamlearn.swarm.swarm import Swarm, initial_state
@@ -235,7 +235,7 @@ def swarm_through(config, tokenizer, chunks, unscored: int = 0) -> tuple[PassRes
 
   start, first_done, in_flight = time.perf_counter(), None, None
   for chunk in chunks:
-    state, metrics = swarm.step(state, device_chunk(chunk))
+    state, metrics = swarm.step(state, step_chunk(chunk))
     if in_flight is not None:
       book(*in_flight)
     in_flight = (metrics, chunk)

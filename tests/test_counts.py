@@ -128,7 +128,7 @@ def test_the_delta_learner_refuses_the_mixer_in_one_line():
     build(load_config(TINY, FULL_DELTA + MIXER), 259)
 
 
-WORDS = dataclasses.replace(CFG, word=True, column=True)
+WORDS = dataclasses.replace(CFG, word=True, word3=True, column=True)
 BYTES = 259  # the byte tokenizer's vocabulary: the word and column contexts read bytes
 
 
@@ -140,11 +140,16 @@ def _text(text: str) -> np.ndarray:
 def test_word_and_column_counts_equal_a_slow_reference(rng, T):
   # Letters of both cases, a UTF-8 byte, spaces, full stops and short lines.
   alphabet = _text("\n .ABabc") .tolist() + [195]
-  stream = np.asarray(alphabet)[rng.choice(len(alphabet), 400, p=[.08, .15, .05, .07, .05,
+  stream = np.asarray(alphabet)[rng.choice(len(alphabet), 200, p=[.08, .15, .05, .07, .05,
                                                                   .2, .15, .15, .1])]
+  # Then words of a small lexicon, so that runs of three words recur too.
+  lexicon = [_text(w).tolist() for w in ("ab", "AB", "c", "bA")] + [[98, 195, 169]]
+  words = [lexicon[i] + [[32], [46], [10], [32, 32]][j]
+           for i, j in zip(rng.integers(0, 5, 100), rng.integers(0, 4, 100))]
+  stream = np.concatenate([stream, np.concatenate(words)[:200]])
   counts, _ = _run(stream.astype(np.int32), T, WORDS, BYTES)
   np.testing.assert_array_equal(counts, reference_counts(WORDS, BYTES, stream, T))
-  assert counts[:, -2].sum(-1).max() > 2 and counts[:, -1].sum(-1).max() > 2
+  assert all(counts[:, o].sum(-1).max() > 2 for o in (-3, -2, -1))
 
 
 def test_the_word_context_spans_spaces_case_and_lines():
@@ -152,9 +157,18 @@ def test_the_word_context_spans_spaces_case_and_lines():
   text = "Miss Bennet was here. MISS\n  benNet came"
   counts, _ = _run(_text(text), 8, WORDS, BYTES)
   at = text.index("benN") + 4  # predicting the second "e" of "benNet"
-  word = counts[at, -2]
+  word = counts[at, -3]
   assert word[ord("e")] == 1 and word.sum() == 1
-  assert counts[text.index("Bennet") + 4, -2].sum() == 0  # its first time: nothing seen
+  assert counts[text.index("Bennet") + 4, -3].sum() == 0  # its first time: nothing seen
+
+
+def test_the_three_word_context_reads_the_word_before_the_two():
+  text = "said Miss Bennet; then said Miss Bennet. And Miss Bennet"
+  counts, _ = _run(_text(text), 8, dataclasses.replace(WORDS, table_log2=12), BYTES)  # no evictions
+  second, third = text.index("said Miss Benn", 5) + 14, text.index("And Miss Benn") + 13
+  assert counts[second, -2][ord("e")] == 1 and counts[second, -2].sum() == 1
+  # After another word: the two-word context has seen "e" twice, the three-word one nothing.
+  assert counts[third, -3][ord("e")] == 2 and counts[third, -2].sum() == 0
 
 
 def test_the_column_context_reads_the_token_above():
@@ -175,7 +189,7 @@ def test_word_and_column_counts_never_see_the_token_or_later_ones(rng):
   counts, _ = _run(stream, 16, WORDS, BYTES)
   counts2, _ = _run(changed, 16, WORDS, BYTES)
   np.testing.assert_array_equal(counts[:p + 1], counts2[:p + 1])
-  assert not np.array_equal(counts[p + 1:, -2:], counts2[p + 1:, -2:])
+  assert not np.array_equal(counts[p + 1:, -3:], counts2[p + 1:, -3:])
 
 
 def test_the_apm_token_weights_and_count_map_start_as_the_mixer_without_them(rng):

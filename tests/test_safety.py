@@ -15,7 +15,7 @@ from streamlearn.cli.versions import main as versions_main
 from streamlearn.config import SafetyConfig, config_from_dict, load_config
 from streamlearn.data.stream import HostChunk
 from streamlearn.learn.build import build
-from streamlearn.learn.prequential import device_chunk
+from streamlearn.learn.prequential import step_chunk
 from streamlearn.learn.state import init_learner
 from streamlearn.run.loop import run
 from streamlearn.run.safety import (Guard, SpikeDetector, lowered_lr_scale, rollback_candidates,
@@ -98,7 +98,7 @@ def test_nan_update_is_skipped_and_counted(learner):
   predictor, optimizer, step = build(config, 259)
   assert (predictor.delta is None) == (learner == "plain")
   state = init_learner(predictor, optimizer, seed=0, bos_id=256)
-  chunk = device_chunk(HostChunk(np.arange(16, dtype=np.int32), 16, 16, {}))
+  chunk = step_chunk(HostChunk(np.arange(16, dtype=np.int32), 16, 16, {}))
   state, _ = step(state, chunk)  # (the delta learner: a forecast to learn beside, made)
   poisoned = state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan),
                                                state.params))

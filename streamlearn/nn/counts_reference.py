@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from streamlearn.config import CountsConfig
-from streamlearn.nn.contexts import (_COLUMN_TAG, _FNV_PRIME, _FNV_START, _NEWLINE, _WORD_TAG,
-                                     COLUMN_LOOKBACK, WORD_LOOKBACK, context_tags, lookback)
+from streamlearn.nn.contexts import (_COLUMN_TAG, _FNV_PRIME, _FNV_START, _NEWLINE, _Q,
+                                     _WORD3_TAG, _WORD_TAG, COLUMN_LOOKBACK, WORD3_LOOKBACK,
+                                     WORD_LOOKBACK, context_tags, lookback)
 from streamlearn.nn.counts import entry_layout
 
 
@@ -35,7 +36,9 @@ def reference_counts(cfg: CountsConfig, vocab: int, stream: np.ndarray, T: int) 
   out = np.zeros((n, len(tags), vocab))
   tables = [dict() for _ in tags]
   log2 = [cfg.dense_log2 if tag < cfg.dense_below else cfg.table_log2 for tag in tags]
-  context = {_WORD_TAG: _word, _COLUMN_TAG: _column}
+  context = {_WORD_TAG: lambda ext, e: _word_context(_words(ext, e, WORD_LOOKBACK, 2)),
+             _WORD3_TAG: lambda ext, e: _word_context(_words(ext, e, WORD3_LOOKBACK, 3)),
+             _COLUMN_TAG: _column}
   keys = [[_slot_of(context[tag](ext, N + p) if tag in context
                     else _order(ext[N + p - tag:N + p]), tag, log2[o])
            for p in range(n)] for o, tag in enumerate(tags)]
@@ -90,24 +93,31 @@ def _order(context: np.ndarray) -> int:
   return h
 
 
-def _word(ext: np.ndarray, e: int) -> int:
-  """The word context of the token at ext[e]: walk back over the word in progress, the
-  non-letters after the word before it, and that word; WORD_LOOKBACK tokens at most."""
-  letter = lambda t: (97 <= (t | 32) <= 122) or 128 <= t < 256
-  fold = lambda t: t | 32 if letter(t) and t < 128 else t
-  now = before = _FNV_START
-  phase = 0  # in the word, between words, in the one before, done
-  for i in range(1, WORD_LOOKBACK + 1):
-    t = int(ext[e - i])
-    if phase == 0 and letter(t):
-      now = _fnv(now, fold(t))
-    elif phase == 0:
-      phase = 1
-    elif phase in (1, 2) and letter(t):
-      phase, before = 2, _fnv(before, fold(t))
-    elif phase == 2:
-      phase = 3
-  return (((now * 0x2545F491) & _MASK) ^ before) * _FNV_PRIME & _MASK
+def _words(ext: np.ndarray, e: int, reach: int, n_words: int) -> list[int]:
+  """The token at ext[e]'s word in progress and the n_words - 1 words before it, walking back
+  over letters, then the non-letters between words; `reach` tokens at most. A word's hash:
+  sum_j letter_j Q^j, j counted from its first letter read (0: no letter)."""
+  letter = lambda i: i <= reach and ((97 <= (int(ext[e - i]) | 32) <= 122)
+                                     or 128 <= int(ext[e - i]) < 256)
+  fold = lambda t: t | 32 if t < 128 else t
+  words, i = [], 1
+  while len(words) < n_words:
+    if words:  # the non-letters between two words
+      while i <= reach and not letter(i):
+        i += 1
+    letters = []  # nearest first
+    while letter(i):
+      letters.append(fold(int(ext[e - i])))
+      i += 1
+    words.append(sum(c * pow(_Q, k, 1 << 32) for k, c in enumerate(letters[::-1])) & _MASK)
+  return words
+
+
+def _word_context(words: list[int]) -> int:
+  h = _FNV_START
+  for word in words:
+    h = ((h ^ word) * 0x2545F491) & _MASK
+  return h
 
 
 def _column(ext: np.ndarray, e: int) -> int:

@@ -22,7 +22,7 @@ import jax
 from streamlearn.data.sources import SourceError
 from streamlearn.data.stream import HostChunk, TokenStream
 from streamlearn.distributed import is_primary
-from streamlearn.learn.prequential import device_chunk
+from streamlearn.learn.prequential import step_chunk
 from streamlearn.run.console import Interrupts, StatusLine, human_bytes
 from streamlearn.run.rollback import RollbackError, rollback
 from streamlearn.run.safety import Alarm
@@ -115,7 +115,7 @@ def run(session: Session, progress: Progress, max_bytes: int | None = None) -> i
         if chunk is None:
           break
         # --- its step in flight; only now the one dispatched before it is read
-        progress.state, metrics = session.step_fn(progress.state, device_chunk(chunk))
+        progress.state, metrics = session.step_fn(progress.state, step_chunk(chunk))
         alarm = book(session, progress, report, *in_flight) if in_flight else held_alarm
         held_alarm = None
         in_flight = (metrics, chunk)
