@@ -92,7 +92,7 @@ _TWICE = _PLAIN[1:] + ["delta.lag=1", "delta.arrival=true", "delta.forecast_chan
 _MIX = ["counts.enabled=true", "mixer.enabled=true", "mixer.gate_token=true",
         "mixer.count_map=true", "mixer.online_lr=0.0015", "mixer.online_boost=16",
         "mixer.online_pairs=true", "counts.survive_from=2", "counts.word=true",
-        "counts.column=true"]
+        "counts.word3=true", "counts.column=true"]
 _NO_MIX = ["counts.enabled=false", "mixer.enabled=false"]
 _MIX_MINUS = {"counts": ["counts.enabled=false"], "gate": ["mixer.gate=false"],
               "learning": ["mixer.lr_mult=0"], "token": ["mixer.gate_token=false"],
@@ -100,7 +100,7 @@ _MIX_MINUS = {"counts": ["counts.enabled=false"], "gate": ["mixer.gate=false"],
               "online": ["mixer.online_lr=0", "mixer.online_pairs=false"],
               "boost": ["mixer.online_boost=0"], "pairs": ["mixer.online_pairs=false"],
               "survive": ["counts.survive_from=0"], "word": ["counts.word=false"],
-              "column": ["counts.column=false"]}
+              "word3": ["counts.word3=false"], "column": ["counts.column=false"]}
 
 
 def full_overrides(full_toml: str | Path = _FULL_TOML) -> list[str]:
