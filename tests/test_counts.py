@@ -22,7 +22,8 @@ from safety_runs import FULL_DELTA, MIXER, TINY
 # Small tables, few kept tokens and a low limit: collisions, evictions and halving all happen,
 # in the dense tables (order 1) and the others.
 CFG = CountsConfig(enabled=True, orders=(1, 2, 4), dense_below=2, dense_log2=4, table_log2=5,
-                   keep=3, recent=2, limit=6, word=False, column=False)  # WORDS below adds those two
+                   keep=3, recent=2, limit=6, word=False, word3=False,
+                   column=False)  # WORDS below adds those three
 V = 12
 
 

@@ -58,7 +58,7 @@ class CountsConfig:
   survive_from: int = 2       # > 0: a context whose top count is at least this keeps its slot
                               # when another hashes there (its counts halve); 0: newest wins
   word: bool = True           # also the word in progress and the one before (a table, as orders 3+)
-  word3: bool = False         # also the word before those two: recurring phrases
+  word3: bool = True          # also the word before those two: recurring phrases
   column: bool = True         # also the token above (previous line) and to the left: code layout
 
 
