@@ -122,6 +122,9 @@ def _words(ext_E, T: int, reach: int, n_words: int):
   end_T = e_T
   words = []
   for _ in range(n_words):
+    # A word runs from the letter after the latest non-letter before its end; the next one
+    # ends after the latest letter before its start. Both ends are clipped to the reach:
+    # a word out of it is empty (hash 0), one across it keeps the letters within.
     end_T = jnp.maximum(end_T, low_T)
     start_T = jnp.maximum(jnp.where(end_T > low_T, at(non_letter_E, end_T - 1) + 1, end_T),
                           low_T)
