@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from streamlearn.config import load_config
+from streamlearn.learn import xla
 from streamlearn.learn.build import build
 from streamlearn.learn.chunk import Chunk
 from streamlearn.learn.prequential import Totals
@@ -166,3 +167,14 @@ def test_bytes_a_bpe_vocabulary_was_trained_on_are_learned_from_not_scored():
   assert (totals.vocab_bytes, totals.vocab_last_chunk, totals.bits) == (1200, 2, 90.0)
   assert totals.bits_per_byte == 90.0 / 1200 and "after the BPE vocabulary's warm-up" in totals.scope()
   assert Totals(bytes=5, bits=5.0).scope() == ""
+
+
+def test_cpu_steps_compile_without_ynnpack_fusions():
+  """The learner's functions compile with XLA:CPU's YNNPACK fusions off (learn/xla.py: they made
+  the mixer's reductions 1.3x slower): a reduction like the mixer's stays XLA's own."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("a CPU compile option")
+  x = jnp.ones((4, 9, 259))
+  reduce = lambda x: jnp.sum(x * x, axis=-1)
+  assert xla.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert "__ynn_fusion" not in xla.jit(reduce).lower(x).compile().as_text()

@@ -28,6 +28,7 @@ import optax
 from streamlearn.config import OptimConfig
 from streamlearn.learn import delta as dl
 from streamlearn.learn import replay as replay_lib
+from streamlearn.learn import xla
 from streamlearn.learn.chunk import Chunk, n_real, shift_in
 from streamlearn.learn.delta import DeltaSpec
 from streamlearn.learn.state import Carry, LearnerState, Predictor, Read
@@ -286,4 +287,4 @@ def make_delta_step(predictor: Predictor, optimizer: optax.GradientTransformatio
                    learning_rate=step_learning_rate(optim_cfg, state))
     return new, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  return xla.jit(step, donate_argnums=0)

@@ -26,6 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from streamlearn.learn import xla
 from streamlearn.learn.state import Carry, Predictor
 from streamlearn.nn.model import ForecastInput
 
@@ -122,7 +123,7 @@ def block_sampler(predictor: Predictor):
         one, (carry, position, recent_W), jax.random.split(key, BLOCK))
     return tokens, carry, position, recent_W
 
-  return jax.jit(sample)
+  return xla.jit(sample)
 
 
 @functools.cache
@@ -141,7 +142,7 @@ def walker(predictor: Predictor):
                                on_T.astype(jnp.float32)[None])
     return predictor.read_along(params, carry, tokens_1xT, jnp.reshape(n, (1,)), forecast)
 
-  return jax.jit(walk)
+  return xla.jit(walk)
 
 
 @functools.cache
@@ -153,4 +154,4 @@ def next_logits(predictor: Predictor):
     forecast = forecast_at(forecast_K, forecast_on, position) if channel else None
     return predictor.next_logits(params, carry, forecast)
 
-  return jax.jit(logits)
+  return xla.jit(logits)

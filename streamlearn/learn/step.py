@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from streamlearn.config import OptimConfig
+from streamlearn.learn import xla
 from streamlearn.learn.chunk import Chunk, n_real
 from streamlearn.learn.state import Carry, LearnerState, Predictor, learning_rate
 
@@ -134,7 +135,7 @@ def make_plain_step(predictor: Predictor, optimizer: optax.GradientTransformatio
                                                     jax.lax.stop_gradient(carry))
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  return xla.jit(step, donate_argnums=0)
 
 
 def make_score(predictor: Predictor):
@@ -147,4 +148,4 @@ def make_score(predictor: Predictor):
     nll_sum, carry = chunk_nll(predictor, params, carry, chunk)
     return carry, score_metrics(nll_sum, chunk)
 
-  return jax.jit(score)
+  return xla.jit(score)

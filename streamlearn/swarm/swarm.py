@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from streamlearn.config import Config, SwarmConfig
 from streamlearn.distributed import host_copy, several
+from streamlearn.learn import xla
 from streamlearn.learn.build import build, step_shaping
 from streamlearn.learn.chunk import Chunk
 from streamlearn.learn.prequential import Totals
@@ -128,7 +129,7 @@ def _build_swarm(config: Config, vocab_size: int, bos_id: int) -> SwarmFns:
       mesh=mesh, members=members, replicated=replicated, init=jax.jit(init),
       # The metrics come back whole on every device (N floats each), so every
       # process reads them all and takes the same host decisions.
-      step=jax.jit(swarm_step, in_shardings=(members, replicated, replicated),
+      step=xla.jit(swarm_step, in_shardings=(members, replicated, replicated),
                    out_shardings=(members, replicated), donate_argnums=0),
       exploit=jax.jit(exploit, in_shardings=(members,) + (replicated,) * 4,
                       out_shardings=members, donate_argnums=0),
