@@ -26,6 +26,12 @@ def jit(fn, **kwargs):
   return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
 
 
+def traced(jitted):
+  """The function a `jit` wraps, to call inside another jitted function: JAX refuses compile
+  options on a nested jit (the outer one's apply to the whole)."""
+  return jitted.__wrapped__
+
+
 @functools.cache
 def compiler_options() -> dict[str, str]:
   """The options: none off CPU, or where this XLA does not know the one we set."""

@@ -93,8 +93,9 @@ def _build_swarm(config: Config, vocab_size: int, bos_id: int) -> SwarmFns:
     return init_learner(predictor, optimizer, seed=seed, bos_id=bos_id)
 
   def members_step(state: LearnerState, chunk):
-    # Every member sees the same chunk; the learner's step is the single-learner one.
-    return jax.vmap(step, in_axes=(0, None))(state, chunk)
+    # Every member sees the same chunk; the learner's step is the single-learner one
+    # (traced, not jitted: only the outer jit may carry compile options, learn/xla.py).
+    return jax.vmap(xla.traced(step), in_axes=(0, None))(state, chunk)
 
   spec = PartitionSpec(MEMBER_AXIS)
   # shard_map, not just a sharded jit: each device runs its own members' steps with
