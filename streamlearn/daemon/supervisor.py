@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 from streamlearn.config import Config, parse_duration
 from streamlearn.daemon import backup as backups
