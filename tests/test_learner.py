@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from streamlearn.config import load_config
+from streamlearn.config import OptimConfig, load_config
 from streamlearn.learn import xla
 from streamlearn.learn.build import build
 from streamlearn.learn.chunk import Chunk
 from streamlearn.learn.prequential import Totals
-from streamlearn.learn.state import init_learner
+from streamlearn.learn.state import init_learner, learning_rate
 from streamlearn.learn.step import make_score
 
 VOCAB, BOS = 259, 256
@@ -178,3 +178,14 @@ def test_cpu_steps_compile_without_ynnpack_fusions():
   reduce = lambda x: jnp.sum(x * x, axis=-1)
   assert xla.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
   assert "__ynn_fusion" not in xla.jit(reduce).lower(x).compile().as_text()
+
+
+def test_the_learning_rate_warms_up_linearly_or_starts_full_and_decays_as_one_over_sqrt():
+  at = lambda cfg, steps: [float(learning_rate(cfg, jnp.asarray(s, jnp.float32))) for s in steps]
+  # No warm-up (the default): the full rate from the first update on.
+  assert at(OptimConfig(learning_rate=1e-3, warmup_steps=0), [0, 1, 500]) == pytest.approx(
+      [1e-3] * 3)
+  assert at(OptimConfig(learning_rate=1e-3, warmup_steps=4), [0, 2, 4, 9]) == pytest.approx(
+      [0.0, 5e-4, 1e-3, 1e-3])
+  assert at(OptimConfig(learning_rate=1e-3, warmup_steps=0, decay_steps=10), [0, 30]) == (
+      pytest.approx([1e-3, 5e-4]))

@@ -97,7 +97,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   learning_rate: float = 2.5e-3  # AdamW peak learning rate
-  warmup_steps: int = 50       # linear warm-up from 0, then constant: a stream has no end
+  warmup_steps: int = 0        # linear warm-up from 0 over this many steps (0: none), then constant
   decay_steps: int = 0         # > 0: then decays as 1/sqrt(1 + step/decay_steps); 0: constant
   b1: float = 0.5              # short momentum: the network follows the stream faster
   b2: float = 0.99

@@ -86,9 +86,12 @@ def make_optimizer(cfg: OptimConfig, match_lr_mult: float = 1.0,
 
 
 def learning_rate(cfg: OptimConfig, step: jax.Array) -> jax.Array:
-  """The schedule: a linear warm-up from 0, then constant, or with `optim.decay_steps` > 0
-  decaying as 1 / sqrt(1 + step / decay_steps), as online compressors' networks do."""
-  lr = cfg.learning_rate * jnp.minimum(1.0, step / max(cfg.warmup_steps, 1))
+  """The schedule: a linear warm-up from 0 over `optim.warmup_steps` (0: none, the full rate
+  from the first update), then constant, or with `optim.decay_steps` > 0 decaying as
+  1 / sqrt(1 + step / decay_steps), as online compressors' networks do."""
+  lr = jnp.asarray(cfg.learning_rate, jnp.float32)
+  if cfg.warmup_steps:
+    lr = lr * jnp.minimum(1.0, step / cfg.warmup_steps)
   if cfg.decay_steps:
     lr = lr * jax.lax.rsqrt(1.0 + step / cfg.decay_steps)
   return lr
