@@ -16,9 +16,10 @@ arrival (the delta update only, no plain update as each chunk is scored),
 turns on: what the default learner is) and `mix-minus-X` for X in counts (the
 mixer alone: network and match model), gate (one weight set), learning (the
 mixer's weights fixed where they start), token (no weight sets by the previous
-token), countmap (the fixed count formula) and online (no per-token weights).
-`vanilla`, `full` and its variants have no count models and no mixer (the delta
-learner cannot take them).
+token), countmap (the fixed count formula), online (no per-token weights) and
+lineposition (the network not told how far into its line each token is).
+`vanilla`, `full` and its variants have no count models, no mixer and no line
+positions (the delta learner cannot take them).
 `--plot` draws running bits/byte against bytes for each (needs matplotlib:
 pip install -e '.[bench]'). `--forgetting A B` streams --forgetting-bytes of
 A then of B with vanilla and full and scores held-out A (the --canary-bytes
@@ -92,15 +93,16 @@ _TWICE = _PLAIN[1:] + ["delta.lag=1", "delta.arrival=true", "delta.forecast_chan
 _MIX = ["counts.enabled=true", "mixer.enabled=true", "mixer.gate_token=true",
         "mixer.count_map=true", "mixer.online_lr=0.0015", "mixer.online_boost=16",
         "mixer.online_pairs=true", "counts.survive_from=2", "counts.word=true",
-        "counts.word3=true", "counts.column=true"]
-_NO_MIX = ["counts.enabled=false", "mixer.enabled=false"]
+        "counts.word3=true", "counts.column=true", "model.line_position=true"]
+_NO_MIX = ["counts.enabled=false", "mixer.enabled=false", "model.line_position=false"]
 _MIX_MINUS = {"counts": ["counts.enabled=false"], "gate": ["mixer.gate=false"],
               "learning": ["mixer.lr_mult=0"], "token": ["mixer.gate_token=false"],
               "countmap": ["mixer.count_map=false"],
               "online": ["mixer.online_lr=0", "mixer.online_pairs=false"],
               "boost": ["mixer.online_boost=0"], "pairs": ["mixer.online_pairs=false"],
               "survive": ["counts.survive_from=0"], "word": ["counts.word=false"],
-              "word3": ["counts.word3=false"], "column": ["counts.column=false"]}
+              "word3": ["counts.word3=false"], "column": ["counts.column=false"],
+              "lineposition": ["model.line_position=false"]}
 
 
 def full_overrides(full_toml: str | Path = _FULL_TOML) -> list[str]:

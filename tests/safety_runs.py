@@ -37,7 +37,8 @@ ARRIVAL_DELTA = FULL_DELTA + ["delta.forecast_channel=false", "delta.residual=0"
 # shared through the cache).
 MIXER = ["counts.enabled=true", "mixer.enabled=true", "counts.table_log2=8", "counts.word=true",
          "counts.column=true", "mixer.gate_token=true", "mixer.count_map=true",
-         "mixer.online_lr=0.01", "mixer.online_pairs=true", "mixer.apm=true"]
+         "mixer.online_lr=0.01", "mixer.online_pairs=true", "mixer.apm=true",
+         "model.line_position=true"]
 
 
 def load_script(name):

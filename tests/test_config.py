@@ -29,7 +29,8 @@ def test_overrides_parse_toml_values_and_bare_words():
   assert config.optim.learning_rate == 1e-4
   assert config.tokenizer.kind == "bpe"
   # The preset replaced; tiny.toml's own [model] keys beside it still override it.
-  assert config.model == dataclasses.replace(PRESETS["micro"], n_layers=1, scan_impl="lax")
+  assert config.model == dataclasses.replace(PRESETS["micro"], n_layers=1, scan_impl="lax",
+                                             line_position=False)
   assert config.data.chunk_tokens == 32
   assert parse_override("a.b = true") == (["a", "b"], True)
 

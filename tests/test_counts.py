@@ -124,9 +124,11 @@ def test_the_mixer_weighs_each_input_by_its_gate(rng):
   assert np.allclose(np.delete(delta[0, 1:3], 3, axis=-1), 0)
 
 
-def test_the_delta_learner_refuses_the_mixer_in_one_line():
+def test_the_delta_learner_refuses_the_mixer_and_line_positions_in_one_line():
   with pytest.raises(ConfigError, match=r"^mixer\.enabled: not built for the delta learner"):
     build(load_config(TINY, FULL_DELTA + MIXER), 259)
+  with pytest.raises(ConfigError, match=r"^model\.line_position: not built for the delta"):
+    build(load_config(TINY, FULL_DELTA + ["model.line_position=true"]), 259)
 
 
 WORDS = dataclasses.replace(CFG, word=True, word3=True, column=True)

@@ -99,14 +99,15 @@ def test_one_pass_per_token_is_advance_over_that_token(rng):
   # The sampler reads the next prediction with a placeholder token, then puts the drawn one
   # in (Predictor.read_next / with_next): the carry must be advance's over the same token.
   # (The count models keep a generated token pending till its chunk is full: the mixer's
-  # learner is checked against the step's chunks by the sampler test above.)
-  learner = Learner.from_config(TINY)
+  # learner is checked against the step's chunks by the sampler test above.) Line breaks
+  # among the tokens: the line position moves with them.
+  learner = Learner.from_config(TINY, ["model.line_position=true"])
   learner.feed(words_text(rng, 700))
   predictor, params = learner.predictor, learner.state.params
   carry = learner.state.carry
   read_next, with_next = jax.jit(predictor.read_next), jax.jit(predictor.with_next)
   advance = jax.jit(predictor.advance)
-  for token in rng.integers(0, 256, 5):
+  for token in [10, *rng.integers(0, 256, 3), 10]:
     logits, after = read_next(params, carry)
     mine = with_next(after, jnp.full((1,), token, jnp.int32))
     want_logits, want = advance(params, carry, jnp.full((1, 1), token, jnp.int32),

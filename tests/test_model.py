@@ -1,4 +1,6 @@
-"""The µLM: shapes, presets, carried state, causality."""
+"""The µLM: shapes, presets, carried state, causality; line positions."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,8 @@ B, T = 2, 50  # one token shape for every test: the full-length call compiles on
 
 @pytest.fixture(scope="module")
 def nano():
-  lm = LM(PRESETS["nano"], VOCAB)
+  # The trunk alone: line positions come from the predictor (tests/test_generate.py).
+  lm = LM(dataclasses.replace(PRESETS["nano"], line_position=False), VOCAB)
   return lm, jax.jit(lm.init)(jax.random.key(0))
 
 
@@ -84,3 +87,28 @@ def test_padding_after_the_end_leaves_the_state_alone(nano, apply, rng):
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(full_state)):
     np.testing.assert_allclose(got[1:], want[1:], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(logits[0, :5], full_logits[0, :5], rtol=1e-5, atol=1e-5)
+
+
+def test_line_positions_match_a_walk_over_the_stream(rng):
+  # Chunks of random lengths, with padding after the real tokens, against counting the tokens
+  # since the last line break one token at a time; capped as the model's embedding is.
+  from streamlearn.learn.chunk import NEWLINE, line_positions
+  cap, T = 9, 16
+  stream = np.where(rng.random(200) < 0.08, NEWLINE, rng.integers(97, 100, 200))
+  stream[60:90] = 97  # a line longer than the cap, across a chunk boundary
+  want, since = [], 0
+  for token in stream:
+    want.append(min(since, cap))
+    since = 0 if token == NEWLINE else since + 1
+  fn = jax.jit(line_positions, static_argnums=3)
+  before, got, at = jnp.zeros((1,), jnp.int32), [], 0
+  while at < len(stream):
+    n = int(rng.integers(0, T + 1))
+    real = stream[at:at + n]
+    chunk = np.concatenate([real, rng.integers(0, 256, T - len(real))])  # padding: anything
+    positions, before = fn(before, jnp.asarray(chunk[None], jnp.int32),
+                           jnp.asarray([len(real)], jnp.int32), cap)
+    got.extend(np.asarray(positions[0, :len(real)]).tolist())
+    at += len(real)
+    assert int(before[0]) == (want[at] if at < len(want) else min(since, cap))
+  assert got == want

@@ -20,6 +20,7 @@ class ModelConfig:
   mlp_mult: int = 4           # MLP hidden width = mlp_mult * d_model
   conv_width: int = 4         # taps of the short causal depthwise conv
   scan_impl: str = "auto"     # linear_scan: auto | lax | associative | blocked | pallas
+  line_position: bool = True  # the trunk reads how many tokens precede each one on its line
 
 
 # Sizes from ~0.1M to ~30M parameters (byte vocabulary), for `[model] preset`.

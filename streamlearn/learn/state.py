@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import optax
 
 from streamlearn.config import Config, ConfigError, CountsConfig, MatchConfig, OptimConfig
-from streamlearn.learn.chunk import last_real_token, shift_in
+from streamlearn.learn.chunk import NEWLINE, last_real_token, line_positions, shift_in
 from streamlearn.learn.delta import DeltaSpec, DeltaState, delta_spec, init_delta
 from streamlearn.nn.counts import (CountFeatures, CountState, counts_append, counts_next,
                                    counts_update, init_counts, n_contexts)
 from streamlearn.nn.match import (MatchFeatures, MatchState, init_match, match_update,
                                   with_last_token)
-from streamlearn.nn.model import LM, ForecastInput
+from streamlearn.nn.model import LINE_POSITIONS, LM, ForecastInput
 
 
 @flax.struct.dataclass
@@ -38,6 +38,9 @@ class Carry:
   last_token_B: jax.Array  # int32: the token before the next chunk (not yet read by the model)
   match: MatchState | None  # the match model's history and tables (None: match model off)
   counts: CountState | None = None  # the count models' recent tokens and tables (None: off)
+  # int32: how many tokens precede the next one on its line, at most LINE_POSITIONS - 1
+  # (None: the model does not read line positions)
+  line_position_B: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -107,6 +110,8 @@ class Read(NamedTuple):
   last_B: jax.Array         # the last real token: the next chunk's first input
   count_features: CountFeatures | None = None  # the count models' counts for each token
   counts: CountState | None = None  # the count models' state after the chunk
+  line_position_BxT: jax.Array | None = None  # how far into its line each token is
+  line_position_B: jax.Array | None = None    # the same for the token after the chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +134,9 @@ class Predictor:
                  match=init_match(self.match_cfg, batch) if self.match_cfg else None,
                  counts=(init_counts(self.counts_cfg, batch, self.chunk_tokens,
                                      self.lm.vocab_size)
-                         if self.counts_cfg else None))
+                         if self.counts_cfg else None),
+                 line_position_B=(jnp.zeros((batch,), jnp.int32)
+                                  if self.lm.cfg.line_position else None))
 
   def read(self, carry: Carry, tokens_BxT, n_real_B, next_only: bool = False) -> Read:
     """What the model reads to predict a chunk, and what the chunk leaves for the next one.
@@ -147,14 +154,18 @@ class Predictor:
     elif self.counts_cfg:
       count_features, counts = counts_update(self.counts_cfg, self.lm.vocab_size, carry.counts,
                                              tokens_BxT, n_real_B)
+    position_BxT = position_B = None
+    if carry.line_position_B is not None:
+      position_BxT, position_B = line_positions(carry.line_position_B, tokens_BxT, n_real_B,
+                                                LINE_POSITIONS - 1)
     return Read(shift_in(carry.last_token_B, tokens_BxT), n_real_B, features, match,
                 last_real_token(tokens_BxT, n_real_B, carry.last_token_B), count_features,
-                counts)
+                counts, position_BxT, position_B)
 
   def logits(self, params, rec_state, seen: Read, forecast: ForecastInput | None = None):
     """(logits_BxTxV, recurrent state after the real tokens); logits[:, t] predicts token t."""
     return self.lm.apply(params, seen.inputs_BxT, rec_state, seen.n_real_B, seen.features,
-                         forecast, seen.count_features)
+                         forecast, seen.count_features, seen.line_position_BxT)
 
   def advance(self, params, carry: Carry, tokens_BxT, n_real_B,
               forecast: ForecastInput | None = None):
@@ -167,7 +178,8 @@ class Predictor:
     """
     seen = self.read(carry, tokens_BxT, n_real_B)
     logits_BxTxV, rec_state = self.logits(params, carry.rec_state, seen, forecast)
-    return logits_BxTxV, Carry(rec_state, seen.last_B, seen.match, seen.counts)
+    return logits_BxTxV, Carry(rec_state, seen.last_B, seen.match, seen.counts,
+                               seen.line_position_B)
 
   def read_along(self, params, carry: Carry, tokens_BxT, n_real_B,
                  forecast: ForecastInput | None = None) -> Carry:
@@ -204,7 +216,8 @@ class Predictor:
     seen = self.read(carry, jnp.zeros((B, 1), jnp.int32), jnp.ones((B,), jnp.int32),
                      next_only=True)
     logits_Bx1xV, rec_state = self.logits(params, carry.rec_state, seen, forecast)
-    return logits_Bx1xV[:, 0], Carry(rec_state, seen.last_B, seen.match, seen.counts)
+    return logits_Bx1xV[:, 0], Carry(rec_state, seen.last_B, seen.match, seen.counts,
+                                     seen.line_position_B)
 
   def with_next(self, after: Carry, token_B) -> Carry:
     """The carry from `read_next` with its placeholder replaced by the token that came:
@@ -215,7 +228,11 @@ class Predictor:
     if counts is not None:
       counts = counts_append(self.counts_cfg, self.lm.vocab_size, counts, token_B[:, None],
                              jnp.ones(token_B.shape, jnp.int32))
-    return after.replace(last_token_B=token_B, match=match, counts=counts)
+    position_B = after.line_position_B
+    if position_B is not None:  # `read_next` moved it past the placeholder: undo a break
+      position_B = jnp.where(token_B == NEWLINE, 0, position_B)
+    return after.replace(last_token_B=token_B, match=match, counts=counts,
+                         line_position_B=position_B)
 
 
 def make_predictor(config: Config, vocab_size: int) -> Predictor:
@@ -229,6 +246,10 @@ def make_predictor(config: Config, vocab_size: int) -> Predictor:
                       "counts.enabled = false and mixer.enabled = false, as configs/full.toml "
                       "does, or turn the delta learner off: delta.lag = 0, replay.capacity = 0 "
                       "and the delta losses 0)")
+  if spec is not None and config.model.line_position:
+    # Its ring and replay keep no line positions.
+    raise ConfigError("model.line_position: not built for the delta learner yet (set "
+                      "model.line_position = false, or turn the delta learner off)")
   lm = LM(config.model, vocab_size, match_len=match_cfg.max_len if match_cfg else 0,
           match_orders=len(match_cfg.orders) if match_cfg else 0,
           forecast_channel=bool(spec and spec.channel),

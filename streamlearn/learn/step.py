@@ -85,7 +85,8 @@ def learn_if_finite(ok, learn, old: LearnerState,
   network never saw the chunk (parameters, optimizer, recurrent state, last
   token and step are the old ones), so nothing non-finite can reach them. The
   match model's history does keep the chunk (`carry.match`): it holds only
-  tokens, which are never non-finite; so do the count models' tables (`carry.counts`).
+  tokens, which are never non-finite; so do the count models' tables (`carry.counts`) and
+  the line position, which are the stream's, not the network's.
   Returns (state, 1.0 if skipped else 0.0).
 
   A branch, not a select between the new and the old state: a select needs
@@ -93,7 +94,8 @@ def learn_if_finite(ok, learn, old: LearnerState,
   every step; the branch lets the donated buffers update in place. (Under vmap,
   a swarm, JAX turns it back into a select.)
   """
-  kept = old.replace(carry=old.carry.replace(match=carry.match, counts=carry.counts))
+  kept = old.replace(carry=old.carry.replace(match=carry.match, counts=carry.counts,
+                                             line_position_B=carry.line_position_B))
   new = jax.lax.cond(ok, lambda: learn().replace(carry=carry), lambda: kept)
   return new, 1.0 - ok.astype(jnp.float32)
 

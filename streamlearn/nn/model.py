@@ -7,7 +7,9 @@ Each layer is two residual blocks:
   recurrent: RMSNorm -> [GeLU(Dense) gate] * [Dense -> causal depthwise conv ->
              RG-LRU (input-dependent decay, via `linear_scan`)] -> Dense -> +
   MLP:       RMSNorm -> GeGLU -> Dense -> +
-then a final RMSNorm and a head tied to the embedding.
+then a final RMSNorm and a head tied to the embedding. The first layer reads the
+token's embedding plus, where they are on, the match model's predictions and how
+far into its line the position is (`model.line_position`).
 
 The state a stream carries from one chunk to the next is, per layer, the
 recurrence's h [B, W] (float32) and the conv's last K-1 inputs [B, K-1, W].
@@ -31,6 +33,9 @@ from streamlearn.nn.counts import CountFeatures
 from streamlearn.nn.match import MatchFeatures
 from streamlearn.nn.mixer import Mixer, init_online
 from streamlearn.nn.scan import linear_scan
+
+# Line positions the trunk tells apart (`model.line_position`): 0 to 126, and 127 or more.
+LINE_POSITIONS = 128
 
 # RG-LRU: the decay is a^(c * r_t) with a learned a in (0, 1) and gate r_t;
 # c = 8 as in Griffin, so a^c at init spans a useful range of memory lengths.
@@ -221,14 +226,24 @@ class MicroLM(nn.Module):
     if self.surprise_head:
       # Read by streamlearn/learn/delta.py, not here: surprise ≈ hidden · W.
       self.surprise_w = self.param("surprise_w", nn.initializers.zeros_init(), (cfg.d_model,))
+    if cfg.line_position:
+      # Where a line break comes is mostly how far into its line a token is (prose wrapped
+      # at ~70 columns, code's indentation), which a recurrence learns to count only slowly.
+      self.line_position_embed = nn.Embed(LINE_POSITIONS, cfg.d_model,
+                                          embedding_init=nn.initializers.zeros_init())
     if self.mixer_cfg is not None:
       self.mixer = Mixer(self.mixer_cfg, self.count_orders, self.match_len > 0,
                          self.gate_orders)
 
   def __call__(self, tokens_BxT, state: tuple[LayerState, ...], n_real_B=None,
                match: MatchFeatures | None = None, forecast: ForecastInput | None = None,
-               with_hidden: bool = False, counts: CountFeatures | None = None):
+               with_hidden: bool = False, counts: CountFeatures | None = None,
+               line_position_BxT: jax.Array | None = None):
     x_BxTxD = self.embed(tokens_BxT)
+    if self.cfg.line_position:
+      if line_position_BxT is None:
+        raise ValueError("model.line_position: apply needs each position's line position")
+      x_BxTxD = x_BxTxD + self.line_position_embed(line_position_BxT)
     if self.forecast_channel:
       on_BxTx1 = (jnp.zeros(tokens_BxT.shape) if forecast is None else forecast.on_BxT)[..., None]
       token_BxT = tokens_BxT if forecast is None else forecast.token_BxT
@@ -328,15 +343,20 @@ class LM:
     match = MatchFeatures(none_1x1xO, none_1x1xO) if self.match_len else None
     counts = (CountFeatures(jnp.zeros((1, 1, self.count_orders, self.vocab_size)))
               if self.count_orders else None)
-    return self.module.init(key, tokens, self.init_state(1), None, match,
-                            counts=counts)["params"]
+    return self.module.init(key, tokens, self.init_state(1), None, match, counts=counts,
+                            line_position_BxT=tokens)["params"]
 
   def apply(self, params, tokens_BxT, state, n_real_B=None, match: MatchFeatures | None = None,
-            forecast: ForecastInput | None = None, counts: CountFeatures | None = None
+            forecast: ForecastInput | None = None, counts: CountFeatures | None = None,
+            line_position_BxT: jax.Array | None = None
             ) -> tuple[jax.Array, tuple[LayerState, ...]]:
-    """(logits [B, T, V] float32, the state after the last real token)."""
+    """(logits [B, T, V] float32, the state after the last real token).
+
+    line_position_BxT (with `model.line_position`): how many tokens precede each position's
+    target on its line (`streamlearn.learn.chunk.line_positions`), at most LINE_POSITIONS - 1.
+    """
     return self.module.apply({"params": params}, tokens_BxT, state, n_real_B, match, forecast,
-                             counts=counts)
+                             counts=counts, line_position_BxT=line_position_BxT)
 
   def apply_with_hidden(self, params, tokens_BxT, state, n_real_B=None,
                         match: MatchFeatures | None = None,
